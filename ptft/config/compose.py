@@ -1,0 +1,192 @@
+"""Compose the YAML config groups with command-line overrides, and validate the result.
+
+Hydra does the composing (so its override grammar, `+key=`, `~key` and sweeps all work);
+this module turns every way that can go wrong into one UsageError line that names the key and
+suggests the closest valid name.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ptft.config.schema import DATA_SOURCES, METHOD_SCHEMAS, STAGE_SCHEMAS, RootConfig
+from ptft.errors import UsageError, did_you_mean
+
+GROUPS = ("model", "data", "stage", "method")
+
+ConfigStore.instance().store(name="ptft_schema", node=RootConfig)
+
+
+def config_dir() -> Path:
+    """The directory holding config.yaml and the group folders (top-level configs/)."""
+    return Path(str(resources.files("ptft.configs")))
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group, e.g. ['llama-1b', 'llama-small', ...] for model."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def compose(stage: str, overrides: list[str]) -> DictConfig:
+    """The composed config for `stage` with overrides applied, checked against the schema.
+
+    `~key` resets a key to its schema default (a typed config has no missing keys).
+    Raises UsageError for unknown keys or options, wrong types and malformed overrides.
+    """
+    resets = [o[1:] for o in overrides if o.startswith("~") and "=" not in o]
+    for key in resets:
+        if key in GROUPS:
+            raise UsageError(f"'~{key}' would remove the {key} group, but every run needs one; "
+                             f"choose another option with {key}=<option> instead.")
+    hydra_overrides = [f"stage={stage}"] + [o for o in overrides if o[1:] not in resets]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
+    except OverrideParseException as err:
+        raise UsageError(f"malformed override: {_first_line(err)}. Overrides look like "
+                         "key=value, +key=value or ~key; quote values holding spaces or "
+                         "brackets, e.g. 'data.paths=[a.txt,b.txt]'.") from None
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as err:
+        raise UsageError(explain(err, _options_only(stage, overrides))) from None
+    validate(cfg)
+    for key in resets:
+        _reset_to_default(cfg, key)
+    return cfg
+
+
+def _options_only(stage: str, overrides: list[str]) -> DictConfig | None:
+    """The config with just the group choices of `overrides` (e.g. method=lora), so an error
+    about a key can list the keys of the option the user chose."""
+    choices = [o for o in overrides if o.split("=")[0] in GROUPS]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=[f"stage={stage}", *choices])
+    except Exception:  # the choices themselves are bad: explain() reports that instead
+        return None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole config against the schema (keys added with `+` included), the open
+    blocks (stage, method) against their option's schema, and resolve every interpolation, so
+    errors surface now rather than mid-run."""
+    for block, schemas in (("stage", STAGE_SCHEMAS), ("method", METHOD_SCHEMAS)):
+        name = cfg[block].get("name") if isinstance(cfg[block], DictConfig) else None
+        if name not in schemas:
+            raise UsageError(
+                f"{block}.name={name!r} is not a known {block}."
+                f"{did_you_mean(str(name), schemas)} Choose one of: {', '.join(sorted(schemas))}.")
+    try:
+        # Merge plain values, not cfg itself: keys added with `+` are only caught this way.
+        checked = OmegaConf.merge(schema_tree(cfg), OmegaConf.to_container(cfg))
+        OmegaConf.resolve(checked)
+    except OmegaConfBaseException as err:
+        raise UsageError(explain(err, cfg)) from None
+    if cfg.data.source not in DATA_SOURCES:
+        raise UsageError(f"data.source={cfg.data.source!r} is not a known source."
+                         f"{did_you_mean(cfg.data.source, DATA_SOURCES)} "
+                         f"Choose one of: {', '.join(DATA_SOURCES)}.")
+    with _unlocked(cfg):
+        for key in checked:
+            cfg[key] = checked[key]
+
+
+def schema_tree(cfg: DictConfig | None) -> DictConfig:
+    """The root schema with the stage and method blocks typed by the options chosen in cfg."""
+    tree = OmegaConf.structured(RootConfig)
+    if cfg is not None:
+        tree.stage = OmegaConf.structured(STAGE_SCHEMAS[cfg.stage.name])
+        tree.method = OmegaConf.structured(METHOD_SCHEMAS[cfg.method.name])
+    return tree
+
+
+def to_object(cfg: DictConfig) -> RootConfig:
+    """The validated config as dataclass instances (RootConfig with typed stage and method)."""
+    return OmegaConf.to_object(OmegaConf.merge(schema_tree(cfg), cfg))
+
+
+def _reset_to_default(cfg: DictConfig, key: str) -> None:
+    *parents, leaf = key.split(".")
+    node = schema_tree(cfg)
+    for part in [*parents, leaf]:
+        if not isinstance(node, DictConfig) or part not in node:
+            raise UsageError(_unknown_key_message(key, cfg))
+        node = node[part]
+    with _unlocked(cfg):
+        OmegaConf.update(cfg, key, node, merge=False)
+
+
+class _unlocked:
+    """Lift Hydra's struct flag for writes that the schema has already checked."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        OmegaConf.set_struct(self.cfg, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.cfg, True)
+
+
+def explain(err: Exception, cfg: DictConfig | None) -> str:
+    """Turn a Hydra/OmegaConf exception into one line naming the key and a likely fix."""
+    text = str(err)
+    cause = err.__cause__ or err.__context__
+    # model=nope -> Hydra: "Could not find 'model/nope'"
+    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = group_options(group)
+        return (f"unknown {group} option '{option}'.{did_you_mean(option, options)} "
+                f"Available: {', '.join(options)}.")
+    key = _failing_key(err) or (_failing_key(cause) if cause else None)
+    if key is None:
+        return _first_line(err)
+    unknown = any(marker in f"{text} {cause}" for marker in
+                  ("not in struct", "Could not override", "not in '", "does not exist"))
+    if unknown:
+        return _unknown_key_message(key, cfg)
+    return f"invalid value for '{key}': {_first_line(cause or err)}"
+
+
+def _failing_key(err: BaseException) -> str | None:
+    text = str(err)
+    found = (re.search(r"Could not (?:override|append to config|delete from config)\.? '([^']+)'",
+                       text)
+             or re.search(r"Key '([^']+)' not in '", text) and None
+             or re.search(r"full_key: ([\w.\[\]-]+)", text))
+    if found:
+        return found.group(1)
+    full_key = getattr(err, "full_key", None)
+    return full_key or None
+
+
+def _unknown_key_message(key: str, cfg: DictConfig | None) -> str:
+    """'unknown key' naming the first path segment the schema lacks, with a suggestion."""
+    node: Any = schema_tree(cfg)
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            break
+        if part not in node:
+            parent = ".".join(parts[:depth])
+            known = [str(k) for k in node.keys()]
+            where = f"'{parent}'" if parent else "the top level"
+            return (f"unknown key '{key}'.{did_you_mean(part, known)} Valid keys in {where}: "
+                    f"{', '.join(sorted(known))}. (`ptft config` prints the whole config.)")
+        node = node[part]
+    return f"'{key}' cannot be set or removed here."
+
+
+def _first_line(err: Any) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,0 +1,169 @@
+"""Documents for training and evaluation, from every kind of data source.
+
+`describe_source` fingerprints the data cheaply (no reading), so a warm cache can skip
+`load_documents` altogether. Local files are read through `datasets`, which handles the
+formats; every failure a user can cause becomes a UsageError naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ptft.config.schema import DataConfig
+from ptft.data import corpus
+from ptft.errors import UsageError
+
+# Bump when the way documents are read or split changes, so caches built before are not reused.
+SOURCES_FORMAT_VERSION = 1
+
+# The `datasets` builder for each file source.
+_BUILDERS = {"text-files": "text", "jsonl": "json", "parquet": "parquet", "csv": "csv"}
+
+
+@dataclass
+class Documents:
+    train: list[str]
+    eval: list[str]
+
+
+def expand_paths(patterns: list[str], key: str) -> list[Path]:
+    """Files named by `patterns` (globs allowed), sorted; UsageError for any that match nothing."""
+    if not patterns:
+        raise UsageError(f"{key} is empty: name the files to read, e.g. {key}=[corpus.jsonl].")
+    files: list[Path] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
+        if not matched:
+            raise UsageError(f"{key}: no file matches '{pattern}'. Check the path (relative "
+                             "paths start from the directory you run ptft in).")
+        files += [Path(m).resolve() for m in matched if Path(m).is_file()]
+    return files
+
+
+def describe_source(cfg: DataConfig) -> dict:
+    """Everything about the data that changes the documents, without reading them."""
+    description: dict = {"format": SOURCES_FORMAT_VERSION, "source": cfg.source,
+                         "max_documents": cfg.max_documents, "eval_fraction": cfg.eval_fraction}
+    if cfg.source in corpus.EMBEDDED_CORPORA:
+        description["corpus"] = corpus.corpus_fingerprint(cfg.source)
+    elif cfg.source == "hub":
+        description.update(name=cfg.name, subset=cfg.subset, split=cfg.split)
+    else:
+        description["files"] = [_file_stamp(p) for p in expand_paths(cfg.paths, "data.paths")]
+    if cfg.source != "text-files" and cfg.source not in corpus.EMBEDDED_CORPORA:
+        description["text_field"] = cfg.text_field
+    if cfg.eval_paths:
+        description["eval_files"] = [_file_stamp(p)
+                                     for p in expand_paths(cfg.eval_paths, "data.eval_paths")]
+    return description
+
+
+def fingerprint(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_documents(cfg: DataConfig) -> Documents:
+    """Read the documents and split them into train and eval."""
+    texts, ids = _read(cfg, cfg.paths, "data.paths")
+    if cfg.eval_paths:
+        eval_texts, _ = _read(cfg, cfg.eval_paths, "data.eval_paths")
+        return Documents(train=texts, eval=eval_texts)
+    held_out = _held_out(ids, cfg.eval_fraction)
+    return Documents(train=[t for i, t in zip(ids, texts) if i not in held_out],
+                     eval=[t for i, t in zip(ids, texts) if i in held_out])
+
+
+def _read(cfg: DataConfig, patterns: list[str], key: str) -> tuple[list[str], list[str]]:
+    """(texts, stable ids) of the non-empty documents of a source."""
+    if cfg.source in corpus.EMBEDDED_CORPORA:
+        docs = list(corpus.iter_documents(cfg.source, cfg.max_documents))
+        pairs = [(d.text, d.id) for d in docs]
+    elif cfg.source == "hub":
+        pairs = _read_hub(cfg)
+    else:
+        pairs = _read_files(cfg, expand_paths(patterns, key))
+    pairs = [(text, doc_id) for text, doc_id in pairs if text.strip()]
+    if not pairs:
+        where = ", ".join(patterns) if patterns else cfg.source
+        raise UsageError(f"the data source ({where}) holds no non-empty documents; "
+                         "point data.paths at files with text in them.")
+    return [t for t, _ in pairs], [i for _, i in pairs]
+
+
+def _read_files(cfg: DataConfig, files: list[Path]) -> list[tuple[str, str]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    pairs: list[tuple[str, str]] = []
+    for path in files:
+        kwargs = {"sample_by": "document"} if cfg.source == "text-files" else {}
+        try:
+            table = datasets.load_dataset(_BUILDERS[cfg.source], data_files=str(path),
+                                          split="train", **kwargs)
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{path} is not valid UTF-8 text ({err.reason} at byte "
+                             f"{err.start}); convert it to UTF-8.") from None
+        except Exception as err:  # datasets wraps parser errors in many types
+            if "UnicodeDecodeError" in repr(err) or "utf-8" in str(err).lower():
+                raise UsageError(f"{path} is not valid UTF-8 text; convert it to UTF-8.") from None
+            raise UsageError(f"could not read {path} as {cfg.source}: "
+                             f"{str(err).strip().splitlines()[0]}") from None
+        field = "text" if cfg.source == "text-files" else cfg.text_field
+        pairs += _texts_of(table, field, str(path), cfg.max_documents and cfg.max_documents - len(pairs))
+        if cfg.max_documents and len(pairs) >= cfg.max_documents:
+            break
+    return pairs
+
+
+def _read_hub(cfg: DataConfig) -> list[tuple[str, str]]:
+    from ptft.hub import offline_hint, prepare_for_hub
+
+    if not cfg.name:
+        raise UsageError("data=hub needs a dataset name: data.name=<owner/dataset>.")
+    online = prepare_for_hub()
+    import datasets
+
+    try:
+        table = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
+    except Exception as err:  # connection, missing dataset and bad split all land here
+        reason = offline_hint() if not online else str(err).strip().splitlines()[0]
+        raise UsageError(f"could not load hub dataset data.name={cfg.name}: {reason} Use local "
+                         "files instead: data=jsonl data.paths=[your.jsonl].") from None
+    return _texts_of(table, cfg.text_field, f"hub:{cfg.name}", cfg.max_documents)
+
+
+def _texts_of(table, field: str, origin: str, limit: int | None) -> list[tuple[str, str]]:
+    if field not in table.column_names:
+        raise UsageError(f"{origin} has no column '{field}' (columns: "
+                         f"{', '.join(table.column_names)}); set data.text_field=<column>.")
+    column = table[field] if not limit else table.select(range(min(limit, len(table))))[field]
+    pairs = []
+    for row, text in enumerate(column):
+        if text is not None and not isinstance(text, str):
+            raise UsageError(f"{origin} row {row}: column '{field}' holds "
+                             f"{type(text).__name__}, not text; choose a text column.")
+        pairs.append((text or "", f"{origin}#{row}"))
+    return pairs
+
+
+def _held_out(ids: list[str], fraction: float) -> set[str]:
+    """The ids of the eval documents: those whose hash falls below `fraction`. Hashing the id
+    (not the position) keeps a document on the same side when others are added."""
+    if fraction <= 0 or len(ids) < 2:
+        return set()
+    scores = {i: int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for i in ids}
+    chosen = {i for i, score in scores.items() if score < fraction}
+    if not chosen:  # tiny corpora: hold out at least one document so evaluation has data
+        chosen = {min(scores, key=scores.get)}
+    if len(chosen) == len(ids):
+        chosen.discard(max(scores, key=scores.get))
+    return chosen
+
+
+def _file_stamp(path: Path) -> list:
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]

@@ -1,0 +1,89 @@
+"""Token arrays on disk and the blocks a training step reads from them.
+
+Documents are tokenised once, each followed by EOS, and concatenated into one flat array
+(nanoGPT style). Block i is tokens[i*L : i*L+L] with targets shifted by one, so every token
+of a block is a prediction target. The array is memory-mapped: a bigger corpus costs disk,
+not RAM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+TOKENIZE_BATCH = 256
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def write_tokens(texts: Iterable[str], tokenizer, path: Path, dtype: np.dtype) -> int:
+    """Tokenise `texts` in batches (fast tokenizers run them in parallel), append EOS to each,
+    and write the flat array to `path`. Returns the number of tokens."""
+    eos = tokenizer.eos_token_id
+    texts = list(texts)
+    count = 0
+    with open(path, "wb") as out:
+        for start in range(0, len(texts), TOKENIZE_BATCH):
+            batch = tokenizer(texts[start:start + TOKENIZE_BATCH], add_special_tokens=False,
+                              return_attention_mask=False)["input_ids"]
+            flat = np.fromiter((t for ids in batch for t in (*ids, eos)), dtype=dtype)
+            flat.tofile(out)
+            count += len(flat)
+    return count
+
+
+class TokenBlocks:
+    """Fixed-length (input, target) blocks over a memory-mapped token file."""
+
+    def __init__(self, path: Path, dtype: np.dtype, seq_len: int):
+        self.tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else \
+            np.zeros(0, dtype=dtype)
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def batch(self, indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 of shape (len(indices), seq_len)."""
+        L = self.seq_len
+        rows = np.stack([self.tokens[i * L:i * L + L + 1] for i in indices]).astype(np.int64)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+class BlockSampler:
+    """Yields batches of block indices in a shuffled order that is fixed by (seed, epoch).
+
+    Its whole state is (epoch, position), so a resumed run reads the exact next batch.
+    """
+
+    def __init__(self, num_blocks: int, batch_size: int, seed: int):
+        self.num_blocks, self.batch_size, self.seed = num_blocks, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+
+    def next_batch(self) -> list[int]:
+        batch: list[int] = []
+        while len(batch) < self.batch_size:
+            if self.position == self.num_blocks:  # a batch may straddle two epochs
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(self.batch_size - len(batch), self.num_blocks - self.position)
+            batch += self._order[self.position:self.position + take].tolist()
+            self.position += take
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)

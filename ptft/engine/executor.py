@@ -1,0 +1,241 @@
+"""The run executor: one training loop for every stage and method, readable top to bottom.
+
+    setup:   run dir -> data (cached) -> model -> method -> optimizer
+    train:   for each step: lr -> micro-batches -> backward -> clip -> optimizer step
+             (+ log, evaluate, checkpoint at their cadence)
+    finish:  final model, summary.json, summary table
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from ptft.config.schema import RootConfig
+from ptft.data.prepare import prepare_data
+from ptft.data.tokens import BlockSampler, TokenBlocks
+from ptft.engine.checkpoint import save_checkpoint
+from ptft.engine.device import autocast, autocast_dtype, resolve_device
+from ptft.engine.metrics import MetricsLog
+from ptft.engine.optim import build_optimizer, lr_at
+from ptft.engine.progress import ProgressReporter
+from ptft.engine.rundir import create_run_dir
+from ptft.errors import UsageError
+from ptft.methods import apply_method, save_final
+from ptft.models import build_model, count_parameters, load_model
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (padding, masked prompt tokens)
+
+
+def execute(cfg: RootConfig, console: Console | None = None) -> dict:
+    """Run one training job described by `cfg`; returns the summary (also in summary.json)."""
+    console = console or Console()
+    started = time.perf_counter()
+    t = cfg.train
+
+    # ---- setup -------------------------------------------------------------------------
+    run_dir = create_run_dir(cfg.run.dir, cfg.run.root, cfg.stage.name)
+    cfg.run.dir = str(run_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    console.print(f"[bold]ptft {cfg.stage.name}[/]  run dir: {run_dir}")
+    _quiet_libraries()
+    _seed_everything(t.seed)
+    device = resolve_device(t)
+    amp_dtype = autocast_dtype(t, device)
+
+    if cfg.model.path and not Path(cfg.model.path).expanduser().exists():
+        from ptft.hub import prepare_for_hub
+        prepare_for_hub()  # fail fast offline instead of minutes of retries
+    data = prepare_data(cfg)
+    console.print(_data_line(data), highlight=False)
+    train_blocks = TokenBlocks(data.tokens_dir / "train.bin", data.dtype, t.seq_len)
+    eval_blocks = TokenBlocks(data.tokens_dir / "eval.bin", data.dtype, t.seq_len)
+    if len(train_blocks) == 0:
+        raise UsageError(f"the training data holds {data.train_tokens} tokens, fewer than one "
+                         f"block of train.seq_len={t.seq_len}; add data or lower train.seq_len.")
+
+    if len(eval_blocks) == 0:
+        console.print(f"[yellow]warning:[/] the held-out split has {data.eval_tokens} tokens, "
+                      f"fewer than one block of {t.seq_len}: no evaluation. Raise "
+                      "data.eval_fraction or give data.eval_paths.", highlight=False)
+
+    tokenizer = data.tokenizer
+    if cfg.model.path:
+        model = load_model(cfg.model.path, cfg.model.trust_remote_code)
+    else:
+        model = build_model(cfg.model, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                            tokenizer.pad_token_id, t.seed)
+    max_positions = getattr(model.config, "max_position_embeddings", None) or \
+        getattr(model.config, "n_positions", None)
+    if max_positions and t.seq_len > max_positions:
+        raise UsageError(f"train.seq_len={t.seq_len} exceeds the model's "
+                         f"max_position_embeddings={max_positions}; lower train.seq_len.")
+    model = apply_method(model, cfg.method).to(device)
+    total_params, trainable_params = count_parameters(model)
+    optimizer = build_optimizer(model, t, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+    total_steps = t.max_steps if t.max_steps is not None else max(
+        1, math.ceil((t.epochs or 1) * len(train_blocks) / (t.batch_size * t.grad_accum)))
+    sampler = BlockSampler(len(train_blocks), t.batch_size, t.seed)
+    console.print(
+        f"model: {cfg.model.path or cfg.model.name}  {total_params / 1e6:.2f}M parameters, "
+        f"{trainable_params / 1e6:.2f}M trainable ({cfg.method.name})  device: {device}"
+        f"{'  autocast ' + str(amp_dtype).split('.')[-1] if amp_dtype else '  fp32'}", highlight=False)
+    console.print(f"training: {total_steps} steps x {tokens_per_step:,} tokens "
+                  f"= {total_steps * tokens_per_step / len(train_blocks) / t.seq_len:.2f} epochs",
+                  highlight=False)
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    progress = ProgressReporter(total_steps, console)
+    evaluations: list[dict] = []
+
+    def evaluate(step: int) -> None:
+        if len(eval_blocks) == 0:
+            return
+        loss = _evaluate(model, eval_blocks, t.batch_size, t.eval_batches, device, amp_dtype)
+        row = {"kind": "eval", "step": step, "eval_loss": loss,
+               "eval_ppl": math.exp(min(loss, 50.0)), "elapsed_s": time.perf_counter() - started}
+        metrics.write(row)
+        evaluations.append(row)
+        progress.message(f"eval  step {step:>6}  loss {loss:.4f}  ppl {row['eval_ppl']:.2f}")
+
+    # ---- train -------------------------------------------------------------------------
+    evaluate(0)
+    model.train()
+    tokens_seen, last_row = 0, None
+    interval_loss = torch.zeros((), device=device)  # summed on device: no sync per micro-batch
+    interval_targets, interval_start = 0, time.perf_counter()
+    for step in range(total_steps):
+        lr = lr_at(step, t, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [train_blocks.batch(sampler.next_batch()) for _ in range(t.grad_accum)]
+        # Normalise by the target tokens of the whole step, so batch 8 x accum 1 and
+        # batch 1 x accum 8 give the same gradient even when micro-batches differ in targets.
+        step_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+        for inputs, targets in micro_batches:
+            with autocast(device, amp_dtype):
+                loss_sum = _loss_sum(model, inputs.to(device), targets.to(device))
+            (loss_sum / step_targets).backward()
+            interval_loss += loss_sum.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += step_targets
+        interval_targets += step_targets
+        done = step + 1
+        progress.step(done)
+
+        if done % t.log_every == 0 or done == total_steps:
+            now = time.perf_counter()
+            last_row = {"kind": "train", "step": done, "loss": interval_loss.item() / interval_targets,
+                        "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                        "tokens_per_s": interval_targets / (now - interval_start),
+                        "elapsed_s": now - started}
+            metrics.write(last_row)
+            progress.log(last_row)
+            interval_loss.zero_()
+            interval_targets, interval_start = 0, now
+        if done % t.eval_every == 0 and done != total_steps:
+            evaluate(done)
+            model.train()
+        if t.save_every and done % t.save_every == 0:
+            save_checkpoint(run_dir / "checkpoints", done, model, optimizer, {
+                "tokens_seen": tokens_seen, "sampler": sampler.state_dict()})
+
+    # ---- finish ------------------------------------------------------------------------
+    evaluate(total_steps)
+    progress.close()
+    metrics.close()
+    _save_final_atomically(model, tokenizer, run_dir / "final", cfg.method)
+    wall = time.perf_counter() - started
+    summary = {
+        "status": "finished", "stage": cfg.stage.name, "method": cfg.method.name,
+        "model": cfg.model.path or cfg.model.name, "data": cfg.data.source,
+        "steps": total_steps, "tokens": tokens_seen,
+        "train_loss": last_row["loss"] if last_row else None,
+        "first_eval_loss": evaluations[0]["eval_loss"] if evaluations else None,
+        "eval_loss": evaluations[-1]["eval_loss"] if evaluations else None,
+        "eval_ppl": evaluations[-1]["eval_ppl"] if evaluations else None,
+        "parameters": total_params, "trainable_parameters": trainable_params,
+        "wall_s": wall, "tokens_per_s": tokens_seen / wall, "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(_summary_table(summary))
+    return summary
+
+
+def _loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the non-ignored targets (fp32 for stability)."""
+    logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def _evaluate(model, blocks: TokenBlocks, batch_size: int, max_batches: int,
+              device: torch.device, amp_dtype) -> float:
+    """Mean loss per target token over the first `max_batches` batches (0: all) of `blocks`."""
+    model.eval()
+    count = len(blocks) if max_batches == 0 else min(len(blocks), max_batches * batch_size)
+    total, targets = torch.zeros((), device=device), 0
+    for start in range(0, count, batch_size):
+        inputs, labels = blocks.batch(range(start, min(start + batch_size, count)))
+        with autocast(device, amp_dtype):
+            total += _loss_sum(model, inputs.to(device), labels.to(device))
+        targets += int((labels != IGNORE_INDEX).sum())
+    return total.item() / targets
+
+
+def _save_final_atomically(model, tokenizer, path: Path, method_cfg) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_final(model, tokenizer, tmp, method_cfg)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress display is the only one: no per-shard bars from transformers."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _data_line(data) -> str:
+    return (f"data: {data.train_tokens:,} train tokens ({data.documents['train']} documents), "
+            f"{data.eval_tokens:,} eval tokens ({data.documents['eval']} documents); "
+            f"tokenizer {'from cache' if data.tokenizer_cached else 'trained'}, "
+            f"tokens {'from cache' if data.tokens_cached else 'prepared'} "
+            f"({data.tokens_dir})")
+
+
+def _summary_table(summary: dict) -> Table:
+    table = Table(title="run summary", show_header=False)
+    fmt = {"train_loss": "{:.4f}", "eval_loss": "{:.4f}", "first_eval_loss": "{:.4f}",
+           "eval_ppl": "{:.2f}", "wall_s": "{:.1f}", "tokens_per_s": "{:,.0f}",
+           "parameters": "{:,}", "trainable_parameters": "{:,}", "tokens": "{:,}"}
+    for key, value in summary.items():
+        text = fmt.get(key, "{}").format(value) if value is not None else "-"
+        table.add_row(key, text)
+    return table

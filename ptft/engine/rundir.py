@@ -1,0 +1,39 @@
+"""The run directory: created once, never shared by two runs by accident."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ptft.errors import UsageError
+
+
+def create_run_dir(explicit: str | None, root: str, stage: str) -> Path:
+    """`explicit` (run.dir) if given, else a new <root>/<stage>/<timestamp>[-N] folder.
+
+    Fails early, before any work, when the location is not writable."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create run.dir={explicit}: {err.strerror}.") from None
+    else:
+        parent = Path(root).expanduser() / stage
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create {parent}: {err.strerror}; set run.root or run.dir "
+                             "to a writable place.") from None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1000):  # two runs started in the same second get -1, -2, ...
+            path = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"the run directory {path} is not writable; choose another run.dir.")
+    return path

@@ -1,0 +1,16 @@
+"""Full training: every weight trains; the result is a complete Hugging Face model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    model.requires_grad_(True)
+    return model
+
+
+def save_final(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
