@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ptft import __version__
 from ptft.errors import EXIT_USAGE, UsageError
@@ -105,7 +106,7 @@ class _usage_errors:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and issubclass(exc_type, UsageError):
-            err_console.print(f"[red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(EXIT_USAGE)
         return False
 

@@ -18,3 +18,20 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type name when it has none)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def caused_by(err: BaseException, kind: type) -> BaseException | None:
+    """The first exception of type `kind` in err's chain of causes (libraries wrap them)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
 from ptft.config.schema import Arch, ModelConfig
-from ptft.errors import UsageError
+from ptft.errors import UsageError, first_line
 
 
 def build_model(cfg: ModelConfig, bos_token_id: int, eos_token_id: int, pad_token_id: int,
@@ -46,21 +46,32 @@ def build_model(cfg: ModelConfig, bos_token_id: int, eos_token_id: int, pad_toke
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
+def check_model_path(path: str) -> str:
+    """The local directory or hub name to load from; checked before any work starts.
+    A name that is not a local folder goes to the hub, probed first so that offline it fails
+    at once rather than after minutes of retries."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UsageError(f"model.path={path} is not a Hugging Face model directory (no "
+                             "config.json in it). Point it at a directory saved with "
+                             "save_pretrained, such as a run's final/ folder.")
+        return str(local)
+    from ptft.hub import prepare_for_hub
+    prepare_for_hub()
+    return path
+
+
 def load_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM from a Hugging Face model directory or hub name."""
-    local = Path(path).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
-        raise UsageError(f"model.path={path} is not a Hugging Face model directory (no "
-                         "config.json in it). Point it at a directory saved with save_pretrained, "
-                         "such as a run's final/ folder.")
-    source = str(local) if local.exists() else path
+    source = check_model_path(path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         return AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=torch.float32, attn_implementation="sdpa",
             trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise UsageError(f"could not load model.path={path}: {str(err).splitlines()[0]} "
+        raise UsageError(f"could not load model.path={path}: {first_line(err)} "
                          "Use a local model directory, or check the name and your network "
                          "(the hub needs one).") from None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ptft.config import compose as composing
-from ptft.errors import EXIT_USAGE, UsageError
+from ptft.errors import EXIT_USAGE, UsageError, first_line
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -24,7 +24,7 @@ def expand(overrides: list[str]) -> list[list[str]]:
     try:
         parsed = OverridesParser.create().parse_overrides(own)
     except HydraException as err:
-        raise UsageError(f"malformed override: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"malformed override: {first_line(err)}") from None
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
@@ -44,6 +44,7 @@ def _job(cfg) -> dict:
     """One sweep job: Hydra composed `cfg`; validate it and run it in Hydra's job directory."""
     from hydra.core.hydra_config import HydraConfig
     from rich.console import Console
+    from rich.markup import escape
 
     from ptft.engine.executor import execute
 
@@ -54,7 +55,7 @@ def _job(cfg) -> dict:
         run.run.dir = run.run.dir or HydraConfig.get().runtime.output_dir
         return execute(run, console)
     except UsageError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(EXIT_USAGE)
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ptft.config.schema import DATA_SOURCES, METHOD_SCHEMAS, STAGE_SCHEMAS, RootConfig
-from ptft.errors import UsageError, did_you_mean
+from ptft.errors import UsageError, did_you_mean, first_line
 
 GROUPS = ("model", "data", "stage", "method")
 
@@ -43,17 +43,13 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
     `~key` resets a key to its schema default (a typed config has no missing keys).
     Raises UsageError for unknown keys or options, wrong types and malformed overrides.
     """
-    resets = [o[1:] for o in overrides if o.startswith("~") and "=" not in o]
-    for key in resets:
-        if key in GROUPS:
-            raise UsageError(f"'~{key}' would remove the {key} group, but every run needs one; "
-                             f"choose another option with {key}=<option> instead.")
-    hydra_overrides = [f"stage={stage}"] + [o for o in overrides if o[1:] not in resets]
+    hydra_overrides, resets = _split_resets(overrides)
+    hydra_overrides.insert(0, f"stage={stage}")
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=hydra_overrides)
     except OverrideParseException as err:
-        raise UsageError(f"malformed override: {_first_line(err)}. Overrides look like "
+        raise UsageError(f"malformed override: {first_line(err)}. Overrides look like "
                          "key=value, +key=value or ~key; quote values holding spaces or "
                          "brackets, e.g. 'data.paths=[a.txt,b.txt]'.") from None
     except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as err:
@@ -62,6 +58,25 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
     for key in resets:
         _reset_to_default(cfg, key)
     return cfg
+
+
+def _split_resets(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `~key` resets (applied by ptft after composing) from the overrides Hydra
+    applies, keeping command-line order meaningful: the last mention of a key wins."""
+    kept: list[str] = []
+    resets: list[str] = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=")[0]
+        if override.startswith("~") and "=" not in override:
+            if key in GROUPS:
+                raise UsageError(f"'~{key}' would remove the {key} group, but every run needs "
+                                 f"one; choose another option with {key}=<option> instead.")
+            kept = [o for o in kept if o.lstrip("+").split("=")[0] != key]
+            resets.append(key)
+        else:
+            resets = [r for r in resets if r != key]
+            kept.append(override)
+    return kept, resets
 
 
 def _options_only(stage: str, overrides: list[str]) -> DictConfig | None:
@@ -151,12 +166,12 @@ def explain(err: Exception, cfg: DictConfig | None) -> str:
                 f"Available: {', '.join(options)}.")
     key = _failing_key(err) or (_failing_key(cause) if cause else None)
     if key is None:
-        return _first_line(err)
+        return first_line(err)
     unknown = any(marker in f"{text} {cause}" for marker in
                   ("not in struct", "Could not override", "not in '", "does not exist"))
     if unknown:
         return _unknown_key_message(key, cfg)
-    return f"invalid value for '{key}': {_first_line(cause or err)}"
+    return f"invalid value for '{key}': {first_line(cause or err)}"
 
 
 def _failing_key(err: BaseException) -> str | None:
@@ -188,5 +203,3 @@ def _unknown_key_message(key: str, cfg: DictConfig | None) -> str:
     return f"'{key}' cannot be set or removed here."
 
 
-def _first_line(err: Any) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

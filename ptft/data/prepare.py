@@ -21,7 +21,8 @@ from ptft.config.schema import RootConfig
 from ptft.data import sources
 from ptft.data.tokenizer import TOKENIZER_FORMAT_VERSION, load_tokenizer, tokenizer_fingerprint, train_bpe
 from ptft.data.tokens import token_dtype, write_tokens
-from ptft.errors import UsageError
+from ptft.errors import UsageError, first_line
+from ptft.models import check_model_path
 
 # Bump when the token files' layout changes.
 TOKENS_FORMAT_VERSION = 1
@@ -83,11 +84,10 @@ def prepare_data(cfg: RootConfig) -> PreparedData:
 
 def _model_tokenizer(cfg: RootConfig):
     try:
-        return load_tokenizer(Path(cfg.model.path).expanduser() if Path(cfg.model.path).expanduser().exists()
-                              else cfg.model.path, cfg.model.trust_remote_code)
+        return load_tokenizer(check_model_path(cfg.model.path), cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UsageError(f"could not load the tokenizer of model.path={cfg.model.path}: "
-                         f"{str(err).strip().splitlines()[0]}") from None
+                         f"{first_line(err)}") from None
 
 
 class _building:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ptft.config.schema import DataConfig
 from ptft.data import corpus
-from ptft.errors import UsageError
+from ptft.errors import UsageError, caused_by, first_line
 
 # Bump when the way documents are read or split changes, so caches built before are not reused.
 SOURCES_FORMAT_VERSION = 1
@@ -104,14 +104,14 @@ def _read_files(cfg: DataConfig, files: list[Path]) -> list[tuple[str, str]]:
         try:
             table = datasets.load_dataset(_BUILDERS[cfg.source], data_files=str(path),
                                           split="train", **kwargs)
-        except UnicodeDecodeError as err:
-            raise UsageError(f"{path} is not valid UTF-8 text ({err.reason} at byte "
-                             f"{err.start}); convert it to UTF-8.") from None
         except Exception as err:  # datasets wraps parser errors in many types
-            if "UnicodeDecodeError" in repr(err) or "utf-8" in str(err).lower():
-                raise UsageError(f"{path} is not valid UTF-8 text; convert it to UTF-8.") from None
-            raise UsageError(f"could not read {path} as {cfg.source}: "
-                             f"{str(err).strip().splitlines()[0]}") from None
+            decode = caused_by(err, UnicodeDecodeError)
+            if decode is not None:
+                raise UsageError(f"{path} is not valid UTF-8 text ({decode.reason} at byte "
+                                 f"{decode.start}); convert it to UTF-8.") from None
+            if path.stat().st_size == 0:
+                raise UsageError(f"{path} is empty; point data.paths at files with data.") from None
+            raise UsageError(f"could not read {path} as {cfg.source}: {first_line(err)}") from None
         field = "text" if cfg.source == "text-files" else cfg.text_field
         pairs += _texts_of(table, field, str(path), cfg.max_documents and cfg.max_documents - len(pairs))
         if cfg.max_documents and len(pairs) >= cfg.max_documents:
@@ -130,7 +130,7 @@ def _read_hub(cfg: DataConfig) -> list[tuple[str, str]]:
     try:
         table = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
     except Exception as err:  # connection, missing dataset and bad split all land here
-        reason = offline_hint() if not online else str(err).strip().splitlines()[0]
+        reason = offline_hint() if not online else first_line(err)
         raise UsageError(f"could not load hub dataset data.name={cfg.name}: {reason} Use local "
                          "files instead: data=jsonl data.paths=[your.jsonl].") from None
     return _texts_of(table, cfg.text_field, f"hub:{cfg.name}", cfg.max_documents)

@@ -33,7 +33,7 @@ from ptft.engine.progress import ProgressReporter
 from ptft.engine.rundir import create_run_dir
 from ptft.errors import UsageError
 from ptft.methods import apply_method, save_final
-from ptft.models import build_model, count_parameters, load_model
+from ptft.models import build_model, check_model_path, count_parameters, load_model
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (padding, masked prompt tokens)
 
@@ -54,9 +54,8 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     device = resolve_device(t)
     amp_dtype = autocast_dtype(t, device)
 
-    if cfg.model.path and not Path(cfg.model.path).expanduser().exists():
-        from ptft.hub import prepare_for_hub
-        prepare_for_hub()  # fail fast offline instead of minutes of retries
+    if cfg.model.path:
+        check_model_path(cfg.model.path)
     data = prepare_data(cfg)
     console.print(_data_line(data), highlight=False)
     train_blocks = TokenBlocks(data.tokens_dir / "train.bin", data.dtype, t.seq_len)

@@ -1,0 +1,41 @@
+"""Shared test helpers: the real CLI in a subprocess, on a tiny model and tiny data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# A 2-layer, hidden-size-32 Llama on 32-token blocks: trains in seconds on a CPU.
+TINY_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+              "model.intermediate_size=64", "model.vocab_size=320"]
+TINY_TRAIN = ["train.seq_len=32", "train.batch_size=4", "train.max_steps=12",
+              "train.warmup_steps=2", "train.eval_every=6", "train.save_every=6",
+              "train.log_every=3", "train.eval_batches=2"]
+# The first documents of the embedded corpus are pydoc topics: real text, no parsing needed.
+TINY_DATA = ["data=python-docs", "data.max_documents=24", "data.eval_fraction=0.1"]
+TINY = TINY_MODEL + TINY_TRAIN + TINY_DATA
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One data cache for the whole session, so tokenizers are trained once."""
+    return tmp_path_factory.mktemp("ptft-cache")
+
+
+def run_ptft(*args: str, cwd: Path, cache: Path, timeout: int = 300, module: bool = False,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `ptft` command (or `python -m ptft`) and capture its output."""
+    command = [sys.executable, "-m", "ptft"] if module else [_ptft_executable()]
+    full_env = {**os.environ, "PTFT_CACHE_DIR": str(cache), "COLUMNS": "200",
+                "OMP_NUM_THREADS": "2", **(env or {})}
+    return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _ptft_executable() -> str:
+    script = Path(sys.executable).parent / "ptft"
+    return str(script) if script.exists() else "ptft"

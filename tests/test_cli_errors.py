@@ -1,0 +1,86 @@
+"""Errors a user can cause: one clear line naming the thing and the fix, exit code 2,
+no traceback, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY, run_ptft
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("train.lrr=1", ["unknown key 'train.lrr'", "Did you mean 'lr'?"]),
+    ("+train.lrr=1", ["unknown key 'train.lrr'", "Did you mean 'lr'?"]),
+    ("model=nope", ["unknown model option 'nope'", "llama-tiny"]),
+    ("model=llama-smal", ["Did you mean 'llama-small'?"]),
+    ("trian.lr=1", ["unknown key 'trian.lr'", "Did you mean 'train'?"]),
+    ("train.batch_size=many", ["train.batch_size"]),
+    ("train.precision=fp8", ["train.precision", "fp32"]),
+])
+def test_bad_overrides_exit_2_before_any_work(override, fragments, tmp_path, cache_dir):
+    result = run_ptft("pretrain", override, cwd=tmp_path, cache=cache_dir)
+    assert_usage_error(result, *fragments)
+    assert not (tmp_path / "runs").exists()  # rejected before a run directory was made
+
+
+def test_config_command_reports_the_same_errors(tmp_path, cache_dir):
+    assert_usage_error(run_ptft("config", "train.lrr=1", cwd=tmp_path, cache=cache_dir),
+                       "Did you mean 'lr'?")
+    assert_usage_error(run_ptft("config", "finetuning", cwd=tmp_path, cache=cache_dir),
+                       "unknown stage")
+
+
+def test_missing_data_file(tmp_path, cache_dir):
+    result = run_ptft("pretrain", *TINY, "data=jsonl", "data.paths=[nowhere.jsonl]",
+                      "run.dir=r", cwd=tmp_path, cache=cache_dir)
+    assert_usage_error(result, "nowhere.jsonl")
+
+
+def test_wrong_text_column(tmp_path, cache_dir):
+    (tmp_path / "c.jsonl").write_text('{"body": "some text here"}\n' * 20)
+    result = run_ptft("pretrain", *TINY, "data=jsonl", "data.paths=[c.jsonl]", "run.dir=r",
+                      cwd=tmp_path, cache=cache_dir)
+    assert_usage_error(result, "no column 'text'", "body", "data.text_field")
+
+
+def test_seq_len_longer_than_the_model_supports(tmp_path, cache_dir):
+    result = run_ptft("pretrain", *TINY, "model.max_position_embeddings=16", "run.dir=r",
+                      cwd=tmp_path, cache=cache_dir)
+    assert_usage_error(result, "train.seq_len=32", "max_position_embeddings=16")
+
+
+def test_model_path_that_is_not_a_model_directory(tmp_path, cache_dir):
+    (tmp_path / "notamodel").mkdir()
+    result = run_ptft("pretrain", *TINY, "model.path=notamodel", "run.dir=r",
+                      cwd=tmp_path, cache=cache_dir)
+    assert_usage_error(result, "model.path=notamodel", "config.json")
+
+
+def test_hub_dataset_offline_fails_fast(tmp_path, cache_dir):
+    started = time.monotonic()
+    result = run_ptft("pretrain", *TINY, "data=hub", "data.name=someone/no-such-dataset",
+                      "run.dir=r", cwd=tmp_path, cache=cache_dir,
+                      env={"HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens there
+    assert_usage_error(result, "data.name=someone/no-such-dataset", "data=jsonl")
+    assert time.monotonic() - started < 60  # the libraries' own retries would take minutes
+
+
+def test_help_and_config_do_not_import_torch(tmp_path):
+    code = ("import sys\nfrom ptft.cli import app\n"
+            "for argv in (['--help'], ['config'], ['pretrain', '--help']):\n"
+            "    try:\n        app(argv)\n    except SystemExit:\n        pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.stdout.strip().endswith("NO-TORCH"), result.stdout + result.stderr

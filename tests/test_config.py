@@ -1,0 +1,160 @@
+"""Tests for composing the YAML config groups with overrides and checking them against the schema."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ptft.config.compose import GROUPS, compose, to_object
+from ptft.config.schema import (
+    DataConfig,
+    FullMethodConfig,
+    ModelConfig,
+    PretrainStageConfig,
+    Precision,
+    RootConfig,
+    TrainConfig,
+)
+from ptft.errors import UsageError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SCHEMA_OF_GROUP = {"model": ModelConfig, "data": DataConfig, "stage": PretrainStageConfig,
+                   "method": FullMethodConfig}
+SHIPPED = [(group, path.stem) for group in GROUPS
+           for path in sorted((CONFIGS / group).glob("*.yaml"))]
+
+
+def test_every_group_ships_options():
+    assert set(GROUPS) == {"model", "data", "stage", "method"}
+    for group in GROUPS:
+        assert any(o for g, o in SHIPPED if g == group), f"configs/{group}/ has no option"
+    assert ("model", "llama-small") in SHIPPED and ("data", "text-files") in SHIPPED
+
+
+@pytest.mark.parametrize("group,option", SHIPPED, ids=[f"{g}={o}" for g, o in SHIPPED])
+def test_shipped_option_composes_and_converts(group, option):
+    cfg = compose("pretrain", [f"{group}={option}"])
+    obj = to_object(cfg)
+    assert isinstance(obj, RootConfig)
+    block = getattr(obj, group)
+    assert isinstance(block, SCHEMA_OF_GROUP[group])
+    # Every value the YAML sets arrives, typed, in the dataclass.
+    shipped = yaml.safe_load((CONFIGS / group / f"{option}.yaml").read_text()) or {}
+    assert shipped, f"configs/{group}/{option}.yaml sets nothing"
+    for key, value in shipped.items():
+        got = getattr(block, key)
+        got = got.value if hasattr(got, "value") else got  # enums (model.arch)
+        assert got == value, f"{group}.{key}: {got!r} != {value!r}"
+    assert isinstance(obj.train, TrainConfig) and isinstance(obj.train.lr, float)
+
+
+def _usage_error(overrides: list[str]) -> str:
+    with pytest.raises(UsageError) as info:
+        compose("pretrain", overrides)
+    return str(info.value)
+
+
+def test_misspelled_key_names_it_and_suggests():
+    message = _usage_error(["train.lrr=1"])
+    assert "train.lrr" in message
+    assert "Did you mean 'lr'" in message
+
+
+def test_misspelled_key_added_with_plus_is_rejected():
+    message = _usage_error(["+train.lrr=1"])
+    assert "train.lrr" in message
+    assert "Did you mean 'lr'" in message
+
+
+def test_unknown_group_option_lists_available():
+    message = _usage_error(["model=nope"])
+    assert "nope" in message
+    assert "Available" in message
+    assert "llama-tiny" in message and "llama-small" in message
+
+
+def test_near_miss_group_option_suggests_closest():
+    message = _usage_error(["model=llama-smal"])
+    assert "Did you mean 'llama-small'" in message
+
+
+def test_wrong_type_names_the_key():
+    message = _usage_error(["train.batch_size=abc"])
+    assert "train.batch_size" in message
+
+
+def test_unknown_enum_value_is_rejected():
+    message = _usage_error(["train.precision=fp16"])
+    assert "train.precision" in message
+    assert "fp16" in message
+
+
+def test_unknown_data_source_is_rejected():
+    message = _usage_error(["data.source=foo"])
+    assert "data.source" in message and "foo" in message
+    assert "text-files" in message  # lists the valid sources
+
+
+def test_near_miss_data_source_suggests_closest():
+    message = _usage_error(["data.source=text-file"])
+    assert "Did you mean 'text-files'" in message
+
+
+def test_key_of_another_method_is_rejected_for_full():
+    message = _usage_error(["method.r=16"])
+    assert "method.r" in message
+    assert "method.r" in _usage_error(["+method.r=16"])
+
+
+def test_reset_restores_schema_default():
+    assert compose("pretrain", ["train.lr=5"]).train.lr == 5
+    cfg = compose("pretrain", ["train.lr=5", "~train.lr"])
+    assert cfg.train.lr == TrainConfig().lr
+    assert to_object(cfg).train.lr == TrainConfig().lr
+
+
+def test_reset_of_unknown_key_is_rejected():
+    message = _usage_error(["~train.lrr"])
+    assert "train.lrr" in message
+
+
+def test_override_after_reset_wins():
+    cfg = compose("pretrain", ["~train.lr", "train.lr=5"])
+    assert cfg.train.lr == 5
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_removing_a_group_is_rejected(group):
+    message = _usage_error([f"~{group}"])
+    assert f"~{group}" in message
+
+
+def test_malformed_override_is_reported():
+    message = _usage_error(["train.lr=[1"])
+    assert "malformed override" in message
+
+
+def test_overrides_change_values():
+    defaults = to_object(compose("pretrain", []))
+    assert defaults.train.lr == pytest.approx(1e-3)
+    assert defaults.model.name == "llama-tiny"
+    assert defaults.data.paths == []
+
+    obj = to_object(compose("pretrain", ["train.lr=3e-4"]))
+    assert obj.train.lr == pytest.approx(3e-4)
+    assert isinstance(obj.train.lr, float)
+
+    obj = to_object(compose("pretrain", ["data.paths=[a.txt,b.txt]"]))
+    assert obj.data.paths == ["a.txt", "b.txt"]
+
+    obj = to_object(compose("pretrain", ["model=llama-small"]))
+    assert obj.model.name == "llama-small"
+    assert obj.model.hidden_size == 512 and obj.model.num_kv_heads == 4
+
+
+def test_typed_values_after_conversion():
+    obj = to_object(compose("pretrain", ["train.precision=bf16", "train.batch_size=8",
+                                         "data.max_documents=null"]))
+    assert obj.train.precision is Precision.bf16
+    assert obj.train.batch_size == 8
+    assert obj.data.max_documents is None
+    assert obj.stage.name == "pretrain" and obj.method.name == "full"
