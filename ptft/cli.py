@@ -54,12 +54,28 @@ def pretrain(
     _train("pretrain", overrides or [], multirun)
 
 
+@app.command(help="Fine-tune a pre-trained model on a task: instruction tuning (SFT) or "
+                  "classification, with full training, LoRA, adapters, IA3 or prompt tuning. "
+                  "The base is model.path=DIR, by default the newest finished pretrain run.\n\n"
+                  "Examples:\n\n"
+                  "  ptft finetune method=lora\n\n"
+                  "  ptft finetune method=adapter method.reduction_factor=16 train.lr=3e-4\n\n"
+                  "  ptft finetune data=stdlib-topics method=lora\n\n"
+                  "  ptft finetune model.path=my-model data=jsonl 'data.paths=\\[sft.jsonl]'")
+def finetune(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    multirun: bool = typer.Option(False, "-m", "--multirun",
+                                  help="Sweep: one run per combination of comma-separated values."),
+) -> None:
+    _train("finetune", overrides or [], multirun)
+
+
 @app.command(help="Print the composed, resolved config for a stage (default: pretrain).\n\n"
                   "Examples:\n\n"
                   "  ptft config\n\n"
                   "  ptft config pretrain model=llama-small train.lr=3e-4")
 def config(
-    stage: Optional[str] = typer.Argument(None, help="Stage: pretrain."),
+    stage: Optional[str] = typer.Argument(None, help="Stage: pretrain or finetune."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     overrides = list(overrides or [])

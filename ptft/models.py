@@ -6,10 +6,12 @@ Both give a plain `transformers` causal LM, so the saved result loads with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          GPT2Config, LlamaConfig, PreTrainedModel)
 
 from ptft.config.schema import Arch, ModelConfig
 from ptft.errors import UsageError, first_line
@@ -62,14 +64,40 @@ def check_model_path(path: str) -> str:
     return path
 
 
-def load_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A causal LM from a Hugging Face model directory or hub name."""
+def resolve_latest(path: str, runs_root: str) -> str:
+    """model.path=latest: the final model of the newest finished `ptft pretrain` run."""
+    if path != "latest":
+        return path
+    root = Path(runs_root).expanduser() / "pretrain"
+    finished = [s.parent for s in root.glob("**/summary.json")
+                if (s.parent / "final" / "config.json").is_file()
+                and json.loads(s.read_text()).get("status") == "finished"]
+    if not finished:
+        raise UsageError(f"model.path=latest: no finished pre-training run under {root}. Run "
+                         "`ptft pretrain` first, or set model.path=DIR to a Hugging Face model "
+                         "directory.")
+    newest = max(finished, key=lambda run: (run / "summary.json").stat().st_mtime)
+    return str((newest / "final").resolve())
+
+
+def load_model(path: str, trust_remote_code: bool = False, task: str = "lm",
+               labels: list[str] | None = None) -> PreTrainedModel:
+    """A causal LM, or for task="classification" a sequence classifier with a new head for
+    `labels`, from a Hugging Face model directory or hub name."""
     source = check_model_path(path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        return AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=torch.float32, attn_implementation="sdpa",
-            trust_remote_code=trust_remote_code)
+        common = dict(dtype=torch.float32, attn_implementation="sdpa",
+                      trust_remote_code=trust_remote_code)
+        if task == "classification":
+            config.num_labels = len(labels)
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {name: i for i, name in enumerate(labels)}
+            if config.pad_token_id is None:  # the head reads the last non-padding token
+                config.pad_token_id = config.eos_token_id
+            return AutoModelForSequenceClassification.from_pretrained(source, config=config,
+                                                                      **common)
+        return AutoModelForCausalLM.from_pretrained(source, config=config, **common)
     except OSError as err:
         raise UsageError(f"could not load model.path={path}: {first_line(err)} "
                          "Use a local model directory, or check the name and your network "

@@ -6,10 +6,11 @@ import yaml
 
 from ptft.config.compose import GROUPS, compose, to_object
 from ptft.config.schema import (
+    METHOD_SCHEMAS,
+    STAGE_SCHEMAS,
+    TASK_SOURCES,
     DataConfig,
-    FullMethodConfig,
     ModelConfig,
-    PretrainStageConfig,
     Precision,
     RootConfig,
     TrainConfig,
@@ -17,8 +18,7 @@ from ptft.config.schema import (
 from ptft.errors import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SCHEMA_OF_GROUP = {"model": ModelConfig, "data": DataConfig, "stage": PretrainStageConfig,
-                   "method": FullMethodConfig}
+FIXED_SCHEMAS = {"model": ModelConfig, "data": DataConfig}
 SHIPPED = [(group, path.stem) for group in GROUPS
            for path in sorted((CONFIGS / group).glob("*.yaml"))]
 
@@ -32,13 +32,26 @@ def test_every_group_ships_options():
 
 @pytest.mark.parametrize("group,option", SHIPPED, ids=[f"{g}={o}" for g, o in SHIPPED])
 def test_shipped_option_composes_and_converts(group, option):
-    cfg = compose("pretrain", [f"{group}={option}"])
+    # Fine-tuning data only composes with the finetune stage (and the stage is itself a group).
+    fine_tuning = group == "data" and option in TASK_SOURCES
+    stage = option if group == "stage" else ("finetune" if fine_tuning else "pretrain")
+    cfg = compose(stage, [] if group == "stage" else [f"{group}={option}"])
     obj = to_object(cfg)
     assert isinstance(obj, RootConfig)
     block = getattr(obj, group)
-    assert isinstance(block, SCHEMA_OF_GROUP[group])
-    # Every value the YAML sets arrives, typed, in the dataclass.
+    expected = {"stage": STAGE_SCHEMAS, "method": METHOD_SCHEMAS}.get(group, {}).get(option) \
+        or FIXED_SCHEMAS[group]
+    assert isinstance(block, expected)
+    # Every value the YAML sets arrives, typed, in the dataclass. Stage and method options
+    # are global packages (they also tune train.*): their own block is under their group key.
     shipped = yaml.safe_load((CONFIGS / group / f"{option}.yaml").read_text()) or {}
+    shipped.pop("defaults", None)
+    if group in ("stage", "method"):
+        for other, values in shipped.items():
+            if other != group:
+                for key, value in values.items():
+                    assert getattr(getattr(obj, other), key) == value, f"{other}.{key}"
+        shipped = shipped[group]
     assert shipped, f"configs/{group}/{option}.yaml sets nothing"
     for key, value in shipped.items():
         got = getattr(block, key)

@@ -15,7 +15,8 @@ from ptft.config.schema import DataConfig
 from ptft.data.prepare import prepare_data
 from ptft.data.sources import describe_source, load_documents
 from ptft.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_fingerprint, train_bpe
-from ptft.data.tokens import BlockSampler, TokenBlocks, token_dtype, write_tokens
+from ptft.data.batches import BlockSampler
+from ptft.data.tokens import TokenBlocks, token_dtype, write_tokens
 from ptft.errors import UsageError
 
 WORDS = ("the cat sat on a mat while small dogs ran over green hills and river banks "
@@ -288,7 +289,9 @@ def test_token_blocks_shift_and_count(tmp_path, n, seq_len):
     if not len(blocks):
         return
     order = list(range(len(blocks)))[::-1]
-    inputs, targets = blocks.batch(order)
+    batch = blocks.collate(order)
+    inputs, targets = batch.inputs["input_ids"], batch.labels
+    assert batch.num_targets == targets.numel()
     assert inputs.shape == targets.shape == (len(blocks), seq_len)
     assert inputs.dtype == targets.dtype == torch.int64
     for row, i in enumerate(order):
@@ -402,21 +405,21 @@ def test_prepare_builds_then_hits_the_cache(corpus_files, tmp_path):
     assert cfg.data.paths == [str(p) for p in corpus_files]
     first = prepare_data(cfg)
     assert (first.tokenizer_cached, first.tokens_cached) == (False, False)
-    assert first.train_tokens > 0 and first.eval_tokens > 0
-    assert first.documents == {"train": 5, "eval": 1}
+    assert first.meta['train_tokens'] > 0 and first.meta['eval_tokens'] > 0
+    assert first.meta['documents'] == {"train": 5, "eval": 1}
     assert len(first.tokenizer) <= 300
     train_bin = first.tokens_dir / "train.bin"
-    assert train_bin.stat().st_size == first.train_tokens * first.dtype.itemsize
-    assert (first.tokens_dir / "eval.bin").stat().st_size == first.eval_tokens * first.dtype.itemsize
-    tokens = np.fromfile(train_bin, dtype=first.dtype)
+    assert train_bin.stat().st_size == first.meta['train_tokens'] * np.dtype(first.meta['dtype']).itemsize
+    assert (first.tokens_dir / "eval.bin").stat().st_size == first.meta['eval_tokens'] * np.dtype(first.meta['dtype']).itemsize
+    tokens = np.fromfile(train_bin, dtype=np.dtype(first.meta['dtype']))
     assert int((tokens == first.tokenizer.eos_token_id).sum()) == 5
     assert _dot_entries(cache) == []
 
     second = prepare_data(_prepare_cfg(corpus_files, cache))
     assert (second.tokenizer_cached, second.tokens_cached) == (True, True)
     assert second.tokens_dir == first.tokens_dir
-    assert (second.train_tokens, second.eval_tokens) == (first.train_tokens, first.eval_tokens)
-    assert second.documents == first.documents
+    assert (second.meta['train_tokens'], second.meta['eval_tokens']) == (first.meta['train_tokens'], first.meta['eval_tokens'])
+    assert second.meta['documents'] == first.meta['documents']
     assert tokenizer_fingerprint(second.tokenizer) == tokenizer_fingerprint(first.tokenizer)
     assert _dot_entries(cache) == []
 
@@ -428,7 +431,7 @@ def test_changing_a_data_file_invalidates_the_token_cache(corpus_files, tmp_path
     changed = prepare_data(_prepare_cfg(corpus_files, cache))
     assert changed.tokens_cached is False
     assert changed.tokens_dir != first.tokens_dir
-    assert changed.train_tokens + changed.eval_tokens > first.train_tokens + first.eval_tokens
+    assert changed.meta['train_tokens'] + changed.meta['eval_tokens'] > first.meta['train_tokens'] + first.meta['eval_tokens']
     assert first.tokens_dir.is_dir()  # the old entry is left alone
     again = prepare_data(_prepare_cfg(corpus_files, cache))
     assert (again.tokenizer_cached, again.tokens_cached) == (True, True)

@@ -19,7 +19,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ptft.config.schema import DATA_SOURCES, METHOD_SCHEMAS, STAGE_SCHEMAS, RootConfig
+from ptft.config.schema import DATA_SOURCES, METHOD_SCHEMAS, STAGE_SCHEMAS, TASK_SOURCES, RootConfig
 from ptft.errors import UsageError, did_you_mean, first_line
 
 GROUPS = ("model", "data", "stage", "method")
@@ -110,9 +110,22 @@ def validate(cfg: DictConfig) -> None:
         raise UsageError(f"data.source={cfg.data.source!r} is not a known source."
                          f"{did_you_mean(cfg.data.source, DATA_SOURCES)} "
                          f"Choose one of: {', '.join(DATA_SOURCES)}.")
+    _check_stage_data(cfg)
     with _unlocked(cfg):
         for key in checked:
             cfg[key] = checked[key]
+
+
+def _check_stage_data(cfg: DictConfig) -> None:
+    """Pre-training reads running text; fine-tuning reads task records."""
+    source, stage = cfg.data.source, cfg.stage.name
+    if stage == "pretrain" and source in TASK_SOURCES:
+        raise UsageError(f"data={source} is fine-tuning data; run `ptft finetune data={source}`, "
+                         "or pre-train on running text (data=python-docs, python-code, files).")
+    if stage == "finetune" and source in ("python-docs", "python-code", "text-files"):
+        raise UsageError(f"data={source} is running text, not fine-tuning records; use "
+                         "data=docstrings (SFT), data=stdlib-topics (classification) or your "
+                         "own records with data=jsonl/csv/parquet.")
 
 
 def schema_tree(cfg: DictConfig | None) -> DictConfig:

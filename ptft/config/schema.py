@@ -35,7 +35,27 @@ DATA_SOURCES = (
     "parquet",
     "csv",
     "hub",          # a Hugging Face hub dataset, by data.name (needs a network)
+    "docstrings",     # fine-tuning (SFT): summarise a stdlib function from its code
+    "stdlib-topics",  # fine-tuning (classification): which stdlib package a docstring is from
 )
+# Sources whose records are fine-tuning examples rather than running text.
+TASK_SOURCES = ("docstrings", "stdlib-topics")
+
+
+class Overlong(str, Enum):
+    truncate = "truncate"
+    """Keep the first train.seq_len tokens (a response cut short still trains)."""
+    drop = "drop"
+    """Leave the sample out."""
+
+
+class Task(str, Enum):
+    auto = "auto"
+    """classification for data=stdlib-topics, else sft."""
+    sft = "sft"
+    """Instruction tuning: loss on the response tokens of prompt/response or chat records."""
+    classification = "classification"
+    """A sequence-classification head on the pre-trained body; accuracy at each evaluation."""
 
 
 class Device(str, Enum):
@@ -82,7 +102,22 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     """Local files or glob patterns, for the text-files, jsonl, parquet and csv sources."""
     text_field: str = "text"
-    """Column holding the text, for the jsonl, parquet, csv and hub sources."""
+    """Column holding the text, for the jsonl, parquet, csv and hub sources (and the text to
+    classify when fine-tuning a classifier)."""
+    prompt_field: str = "prompt"
+    """Fine-tuning (SFT): column holding the prompt."""
+    response_field: str = "response"
+    """Fine-tuning (SFT): column holding the response the model learns to give."""
+    messages_field: str = "messages"
+    """Fine-tuning (SFT): column holding a chat as a list of {role, content} messages; used
+    instead of prompt/response when the records have it."""
+    label_field: str = "label"
+    """Fine-tuning (classification): column holding the label (a string or an integer)."""
+    overlong: Overlong = Overlong.truncate
+    """Fine-tuning: what happens to a sample longer than train.seq_len (counted and reported)."""
+    packing: bool = True
+    """Fine-tuning (SFT): pack several short samples into one sequence of train.seq_len. Each
+    sample attends only to itself and its positions restart, so results match unpacked."""
     name: Optional[str] = None
     """Hub dataset name for source=hub, as passed to datasets.load_dataset."""
     subset: Optional[str] = None
@@ -107,9 +142,18 @@ class PretrainStageConfig:
     """Next-token prediction on documents packed into blocks of train.seq_len tokens."""
 
 
+@dataclass
+class FinetuneStageConfig:
+    name: str = "finetune"
+    """Specialise a pre-trained model (model.path) on a task dataset."""
+    task: Task = Task.auto
+    train_on_prompt: bool = False
+    """SFT: also train on the prompt tokens (by default only the response carries loss)."""
+
+
 # Stage and method options carry keys of their own, so each has its own schema, chosen by its
 # `name`. The root schema leaves those blocks open (Any) and compose.py checks them here.
-STAGE_SCHEMAS: dict[str, type] = {"pretrain": PretrainStageConfig}
+STAGE_SCHEMAS: dict[str, type] = {"pretrain": PretrainStageConfig, "finetune": FinetuneStageConfig}
 
 
 @dataclass
@@ -118,7 +162,67 @@ class FullMethodConfig:
     """Every weight of the model trains."""
 
 
-METHOD_SCHEMAS: dict[str, type] = {"full": FullMethodConfig}
+@dataclass
+class LoraMethodConfig:
+    name: str = "lora"
+    """Low-rank adapters on linear layers, through peft (Hu et al. 2021)."""
+    r: int = 8
+    """Rank of the update matrices."""
+    alpha: float = 16.0
+    """Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt. null: every linear layer of the attention and feed-forward
+    blocks, by architecture (Llama: q/k/v/o/gate/up/down_proj; GPT-2: c_attn, c_proj, c_fc;
+    BERT-like: query, key, value, dense)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA, Liu et al. 2024)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
+
+
+@dataclass
+class AdapterMethodConfig:
+    name: str = "adapter"
+    """Bottleneck adapters (Houlsby et al. 2019): ptft's own module, see ptft/methods/adapter.py."""
+    reduction_factor: int = 16
+    """Bottleneck width = hidden_size // reduction_factor (at least 1)."""
+    placement: str = "houlsby"
+    """houlsby: after the attention and the feed-forward block of every layer;
+    pfeiffer: after the feed-forward block only (Pfeiffer et al. 2020)."""
+    non_linearity: str = "relu"
+    """relu | gelu | silu."""
+    train_layer_norms: bool = False
+    """Also train the model's normalisation layers."""
+    train_head: bool = False
+    """Also train the output head (for a classifier the new head always trains)."""
+    attention_modules: str = r"(self_attn|attn|attention)$"
+    """Regex on module names marking attention blocks."""
+    ffn_modules: str = r"(mlp|feed_forward|ffn)$"
+    """Regex on module names marking feed-forward blocks."""
+
+
+@dataclass
+class IA3MethodConfig:
+    name: str = "ia3"
+    """Learned rescaling of keys, values and feed-forward activations, through peft
+    (Liu et al. 2022): the fewest trainable parameters."""
+    target_modules: Optional[list[str]] = None
+    """null: keys, values and the feed-forward down projection, by architecture."""
+
+
+@dataclass
+class PromptTuningMethodConfig:
+    name: str = "prompt_tuning"
+    """Learned virtual tokens prepended to every input, through peft (Lester et al. 2021).
+    Samples are not packed with this method (the virtual tokens belong to one sample)."""
+    num_virtual_tokens: int = 16
+
+
+METHOD_SCHEMAS: dict[str, type] = {
+    "full": FullMethodConfig, "lora": LoraMethodConfig, "adapter": AdapterMethodConfig,
+    "ia3": IA3MethodConfig, "prompt_tuning": PromptTuningMethodConfig}
 
 
 @dataclass

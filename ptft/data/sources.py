@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptft.config.schema import DataConfig
-from ptft.data import corpus
+from ptft.data import corpus, stdlib_tasks
 from ptft.errors import UsageError, caused_by, first_line
 
 # Bump when the way documents are read or split changes, so caches built before are not reused.
@@ -28,6 +28,12 @@ _BUILDERS = {"text-files": "text", "jsonl": "json", "parquet": "parquet", "csv":
 class Documents:
     train: list[str]
     eval: list[str]
+
+
+@dataclass
+class Records:
+    train: list[dict]
+    eval: list[dict]
 
 
 def expand_paths(patterns: list[str], key: str) -> list[Path]:
@@ -50,12 +56,15 @@ def describe_source(cfg: DataConfig) -> dict:
                          "max_documents": cfg.max_documents, "eval_fraction": cfg.eval_fraction}
     if cfg.source in corpus.EMBEDDED_CORPORA:
         description["corpus"] = corpus.corpus_fingerprint(cfg.source)
+    elif cfg.source in stdlib_tasks.TASK_DATASETS:
+        description["corpus"] = stdlib_tasks.task_fingerprint(cfg.source)
     elif cfg.source == "hub":
         description.update(name=cfg.name, subset=cfg.subset, split=cfg.split)
     else:
         description["files"] = [_file_stamp(p) for p in expand_paths(cfg.paths, "data.paths")]
-    if cfg.source != "text-files" and cfg.source not in corpus.EMBEDDED_CORPORA:
-        description["text_field"] = cfg.text_field
+    if cfg.source in _BUILDERS or cfg.source == "hub":
+        description["fields"] = [cfg.text_field, cfg.prompt_field, cfg.response_field,
+                                 cfg.messages_field, cfg.label_field]
     if cfg.eval_paths:
         description["eval_files"] = [_file_stamp(p)
                                      for p in expand_paths(cfg.eval_paths, "data.eval_paths")]
@@ -83,7 +92,7 @@ def _read(cfg: DataConfig, patterns: list[str], key: str) -> tuple[list[str], li
         docs = list(corpus.iter_documents(cfg.source, cfg.max_documents))
         pairs = [(d.text, d.id) for d in docs]
     elif cfg.source == "hub":
-        pairs = _read_hub(cfg)
+        pairs = _texts_of(_read_hub(cfg), cfg.text_field, f"hub:{cfg.name}", cfg.max_documents)
     else:
         pairs = _read_files(cfg, expand_paths(patterns, key))
     pairs = [(text, doc_id) for text, doc_id in pairs if text.strip()]
@@ -95,10 +104,23 @@ def _read(cfg: DataConfig, patterns: list[str], key: str) -> tuple[list[str], li
 
 
 def _read_files(cfg: DataConfig, files: list[Path]) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    field = "text" if cfg.source == "text-files" else cfg.text_field
+    for table, origin in _tables(cfg, files):
+        pairs += _texts_of(table, field, origin, cfg.max_documents and cfg.max_documents - len(pairs))
+        if cfg.max_documents and len(pairs) >= cfg.max_documents:
+            break
+    return pairs
+
+
+def _tables(cfg: DataConfig, files: list[Path]):
+    """(datasets.Dataset, origin) for each file, or the one hub dataset, read lazily."""
+    if cfg.source == "hub":
+        yield _read_hub(cfg), f"hub:{cfg.name}"
+        return
     import datasets
 
     datasets.disable_progress_bars()
-    pairs: list[tuple[str, str]] = []
     for path in files:
         kwargs = {"sample_by": "document"} if cfg.source == "text-files" else {}
         try:
@@ -112,14 +134,10 @@ def _read_files(cfg: DataConfig, files: list[Path]) -> list[tuple[str, str]]:
             if path.stat().st_size == 0:
                 raise UsageError(f"{path} is empty; point data.paths at files with data.") from None
             raise UsageError(f"could not read {path} as {cfg.source}: {first_line(err)}") from None
-        field = "text" if cfg.source == "text-files" else cfg.text_field
-        pairs += _texts_of(table, field, str(path), cfg.max_documents and cfg.max_documents - len(pairs))
-        if cfg.max_documents and len(pairs) >= cfg.max_documents:
-            break
-    return pairs
+        yield table, str(path)
 
 
-def _read_hub(cfg: DataConfig) -> list[tuple[str, str]]:
+def _read_hub(cfg: DataConfig):
     from ptft.hub import offline_hint, prepare_for_hub
 
     if not cfg.name:
@@ -128,12 +146,48 @@ def _read_hub(cfg: DataConfig) -> list[tuple[str, str]]:
     import datasets
 
     try:
-        table = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
+        return datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
     except Exception as err:  # connection, missing dataset and bad split all land here
         reason = offline_hint() if not online else first_line(err)
         raise UsageError(f"could not load hub dataset data.name={cfg.name}: {reason} Use local "
                          "files instead: data=jsonl data.paths=[your.jsonl].") from None
-    return _texts_of(table, cfg.text_field, f"hub:{cfg.name}", cfg.max_documents)
+
+
+def load_records(cfg: DataConfig) -> Records:
+    """Fine-tuning records (dicts), split into train and eval. Each carries `_origin`
+    ('file row N') so a bad record can be reported precisely."""
+    if cfg.source in stdlib_tasks.TASK_DATASETS:
+        records = [{**r, "_origin": f"{cfg.source} {r['id']}"}
+                   for r in stdlib_tasks.iter_records(cfg.source, cfg.max_documents)]
+        # Split by module: evaluation is on modules never seen in training.
+        held = [stdlib_tasks.is_held_out(r["module"], cfg.eval_fraction) for r in records]
+        return Records(train=[r for r, h in zip(records, held) if not h],
+                       eval=[r for r, h in zip(records, held) if h])
+    records = _records_of(cfg, cfg.paths, "data.paths")
+    if cfg.eval_paths:
+        return Records(train=records, eval=_records_of(cfg, cfg.eval_paths, "data.eval_paths"))
+    held_out = _held_out([r["_origin"] for r in records], cfg.eval_fraction)
+    return Records(train=[r for r in records if r["_origin"] not in held_out],
+                   eval=[r for r in records if r["_origin"] in held_out])
+
+
+def _records_of(cfg: DataConfig, patterns: list[str], key: str) -> list[dict]:
+    if cfg.source not in _BUILDERS and cfg.source != "hub":
+        raise UsageError(f"data.source={cfg.source} holds running text, not fine-tuning records; "
+                         "use data=docstrings, data=stdlib-topics, or your own "
+                         "jsonl/csv/parquet records.")
+    files = [] if cfg.source == "hub" else expand_paths(patterns, key)
+    records: list[dict] = []
+    for table, origin in _tables(cfg, files):
+        rows = table.to_list()
+        if cfg.max_documents:
+            rows = rows[:cfg.max_documents - len(records)]
+        records += [{**row, "_origin": f"{origin} row {i}"} for i, row in enumerate(rows)]
+        if cfg.max_documents and len(records) >= cfg.max_documents:
+            break
+    if not records:
+        raise UsageError(f"{key} ({', '.join(patterns) or cfg.source}) holds no records.")
+    return records
 
 
 def _texts_of(table, field: str, origin: str, limit: int | None) -> list[tuple[str, str]]:

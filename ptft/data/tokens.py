@@ -14,6 +14,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from ptft.data.batches import Batch
+
 TOKENIZE_BATCH = 256
 
 
@@ -48,42 +50,9 @@ class TokenBlocks:
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
 
-    def batch(self, indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), both int64 of shape (len(indices), seq_len)."""
+    def collate(self, indices: Iterable[int]) -> Batch:
+        """Input ids and next-token targets, both int64 of shape (len(indices), seq_len)."""
         L = self.seq_len
         rows = np.stack([self.tokens[i * L:i * L + L + 1] for i in indices]).astype(np.int64)
         rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
-
-
-class BlockSampler:
-    """Yields batches of block indices in a shuffled order that is fixed by (seed, epoch).
-
-    Its whole state is (epoch, position), so a resumed run reads the exact next batch.
-    """
-
-    def __init__(self, num_blocks: int, batch_size: int, seed: int):
-        self.num_blocks, self.batch_size, self.seed = num_blocks, batch_size, seed
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
-
-    def next_batch(self) -> list[int]:
-        batch: list[int] = []
-        while len(batch) < self.batch_size:
-            if self.position == self.num_blocks:  # a batch may straddle two epochs
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            take = min(self.batch_size - len(batch), self.num_blocks - self.position)
-            batch += self._order[self.position:self.position + take].tolist()
-            self.position += take
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation(self.epoch)
+        return Batch({"input_ids": rows[:, :-1]}, rows[:, 1:], rows[:, 1:].numel())

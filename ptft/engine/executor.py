@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ptft.config.schema import RootConfig
-from ptft.data.prepare import prepare_data
-from ptft.data.tokens import BlockSampler, TokenBlocks
+from ptft.data.batches import TrainStream, eval_batches
+from ptft.data.prepare import prepare_data, resolve_task
+from ptft.engine.objective import evaluate, loss_sum
 from ptft.engine.checkpoint import save_checkpoint
 from ptft.engine.device import autocast, autocast_dtype, resolve_device
 from ptft.engine.metrics import MetricsLog
@@ -33,9 +34,7 @@ from ptft.engine.progress import ProgressReporter
 from ptft.engine.rundir import create_run_dir
 from ptft.errors import UsageError
 from ptft.methods import apply_method, save_final
-from ptft.models import build_model, check_model_path, count_parameters, load_model
-
-IGNORE_INDEX = -100  # targets with this value carry no loss (padding, masked prompt tokens)
+from ptft.models import build_model, check_model_path, count_parameters, load_model, resolve_latest
 
 
 def execute(cfg: RootConfig, console: Console | None = None) -> dict:
@@ -45,6 +44,9 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     t = cfg.train
 
     # ---- setup -------------------------------------------------------------------------
+    if cfg.model.path:  # resolve `latest` and check the folder before anything is written
+        cfg.model.path = resolve_latest(cfg.model.path, cfg.run.root)
+        check_model_path(cfg.model.path)
     run_dir = create_run_dir(cfg.run.dir, cfg.run.root, cfg.stage.name)
     cfg.run.dir = str(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -54,24 +56,19 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     device = resolve_device(t)
     amp_dtype = autocast_dtype(t, device)
 
-    if cfg.model.path:
-        check_model_path(cfg.model.path)
     data = prepare_data(cfg)
     console.print(_data_line(data), highlight=False)
-    train_blocks = TokenBlocks(data.tokens_dir / "train.bin", data.dtype, t.seq_len)
-    eval_blocks = TokenBlocks(data.tokens_dir / "eval.bin", data.dtype, t.seq_len)
-    if len(train_blocks) == 0:
-        raise UsageError(f"the training data holds {data.train_tokens} tokens, fewer than one "
-                         f"block of train.seq_len={t.seq_len}; add data or lower train.seq_len.")
-
-    if len(eval_blocks) == 0:
-        console.print(f"[yellow]warning:[/] the held-out split has {data.eval_tokens} tokens, "
-                      f"fewer than one block of {t.seq_len}: no evaluation. Raise "
-                      "data.eval_fraction or give data.eval_paths.", highlight=False)
+    if len(data.train) == 0:
+        raise UsageError(f"the training data is smaller than one sequence of train.seq_len="
+                         f"{t.seq_len}; add data or lower train.seq_len.")
+    if len(data.eval) == 0:
+        console.print("[yellow]warning:[/] the held-out split is smaller than one sequence: no "
+                      "evaluation. Raise data.eval_fraction or give data.eval_paths.",
+                      highlight=False)
 
     tokenizer = data.tokenizer
     if cfg.model.path:
-        model = load_model(cfg.model.path, cfg.model.trust_remote_code)
+        model = load_model(cfg.model.path, cfg.model.trust_remote_code, data.task, data.labels)
     else:
         model = build_model(cfg.model, tokenizer.bos_token_id, tokenizer.eos_token_id,
                             tokenizer.pad_token_id, t.seed)
@@ -80,39 +77,43 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     if max_positions and t.seq_len > max_positions:
         raise UsageError(f"train.seq_len={t.seq_len} exceeds the model's "
                          f"max_position_embeddings={max_positions}; lower train.seq_len.")
-    model = apply_method(model, cfg.method).to(device)
+    model = apply_method(model, cfg.method, data.task).to(device)
     total_params, trainable_params = count_parameters(model)
     optimizer = build_optimizer(model, t, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+    sequences_per_step = t.batch_size * t.grad_accum
     total_steps = t.max_steps if t.max_steps is not None else max(
-        1, math.ceil((t.epochs or 1) * len(train_blocks) / (t.batch_size * t.grad_accum)))
-    sampler = BlockSampler(len(train_blocks), t.batch_size, t.seed)
+        1, math.ceil((t.epochs or 1) * len(data.train) / sequences_per_step))
+    stream = TrainStream(data.train, t.batch_size, t.seed)
     console.print(
         f"model: {cfg.model.path or cfg.model.name}  {total_params / 1e6:.2f}M parameters, "
-        f"{trainable_params / 1e6:.2f}M trainable ({cfg.method.name})  device: {device}"
-        f"{'  autocast ' + str(amp_dtype).split('.')[-1] if amp_dtype else '  fp32'}", highlight=False)
-    console.print(f"training: {total_steps} steps x {tokens_per_step:,} tokens "
-                  f"= {total_steps * tokens_per_step / len(train_blocks) / t.seq_len:.2f} epochs",
-                  highlight=False)
+        f"{trainable_params / 1e6:.3f}M trainable ({100 * trainable_params / total_params:.2f}%, "
+        f"method {cfg.method.name})  device: {device}"
+        f"{'  autocast ' + str(amp_dtype).split('.')[-1] if amp_dtype else '  fp32'}",
+        highlight=False)
+    console.print(f"training: {total_steps} steps x {sequences_per_step} sequences of up to "
+                  f"{t.seq_len} tokens = {total_steps * sequences_per_step / len(data.train):.2f} "
+                  "epochs", highlight=False)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     progress = ProgressReporter(total_steps, console)
     evaluations: list[dict] = []
 
-    def evaluate(step: int) -> None:
-        if len(eval_blocks) == 0:
+    def run_eval(step: int) -> None:
+        if len(data.eval) == 0:
             return
-        loss = _evaluate(model, eval_blocks, t.batch_size, t.eval_batches, device, amp_dtype)
-        row = {"kind": "eval", "step": step, "eval_loss": loss,
-               "eval_ppl": math.exp(min(loss, 50.0)), "elapsed_s": time.perf_counter() - started}
+        with autocast(device, amp_dtype):
+            result = evaluate(model, eval_batches(data.eval, t.batch_size, t.eval_batches),
+                              data.task, device)
+        row = {"kind": "eval", "step": step, **result, "elapsed_s": time.perf_counter() - started}
         metrics.write(row)
         evaluations.append(row)
-        progress.message(f"eval  step {step:>6}  loss {loss:.4f}  ppl {row['eval_ppl']:.2f}")
+        progress.message("eval  step {:>6}  ".format(step) + "  ".join(
+            f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.items()))
 
     # ---- train -------------------------------------------------------------------------
-    evaluate(0)
+    run_eval(0)
     model.train()
     tokens_seen, last_row = 0, None
     interval_loss = torch.zeros((), device=device)  # summed on device: no sync per micro-batch
@@ -121,15 +122,15 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         lr = lr_at(step, t, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [train_blocks.batch(sampler.next_batch()) for _ in range(t.grad_accum)]
-        # Normalise by the target tokens of the whole step, so batch 8 x accum 1 and
-        # batch 1 x accum 8 give the same gradient even when micro-batches differ in targets.
-        step_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
-        for inputs, targets in micro_batches:
+        micro_batches = [stream.next_batch() for _ in range(t.grad_accum)]
+        # Normalise by the targets of the whole step, so batch 8 x accum 1 and batch 1 x
+        # accum 8 give the same gradient even when micro-batches differ in target count.
+        step_targets = sum(batch.num_targets for batch in micro_batches)
+        for batch in micro_batches:
             with autocast(device, amp_dtype):
-                loss_sum = _loss_sum(model, inputs.to(device), targets.to(device))
-            (loss_sum / step_targets).backward()
-            interval_loss += loss_sum.detach()
+                summed = loss_sum(model, batch.to(device), data.task)
+            (summed / step_targets).backward()
+            interval_loss += summed.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -149,54 +150,32 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
             interval_loss.zero_()
             interval_targets, interval_start = 0, now
         if done % t.eval_every == 0 and done != total_steps:
-            evaluate(done)
+            run_eval(done)
             model.train()
         if t.save_every and done % t.save_every == 0:
             save_checkpoint(run_dir / "checkpoints", done, model, optimizer, {
-                "tokens_seen": tokens_seen, "sampler": sampler.state_dict()})
+                "tokens_seen": tokens_seen, "sampler": stream.sampler.state_dict()})
 
     # ---- finish ------------------------------------------------------------------------
-    evaluate(total_steps)
+    run_eval(total_steps)
     progress.close()
     metrics.close()
     _save_final_atomically(model, tokenizer, run_dir / "final", cfg.method)
     wall = time.perf_counter() - started
     summary = {
-        "status": "finished", "stage": cfg.stage.name, "method": cfg.method.name,
+        "status": "finished", "stage": cfg.stage.name, "task": resolve_task(cfg), "method": cfg.method.name,
         "model": cfg.model.path or cfg.model.name, "data": cfg.data.source,
         "steps": total_steps, "tokens": tokens_seen,
         "train_loss": last_row["loss"] if last_row else None,
         "first_eval_loss": evaluations[0]["eval_loss"] if evaluations else None,
-        "eval_loss": evaluations[-1]["eval_loss"] if evaluations else None,
-        "eval_ppl": evaluations[-1]["eval_ppl"] if evaluations else None,
+        **{k: v for k, v in (evaluations[-1] if evaluations else {}).items()
+           if k.startswith("eval_")},
         "parameters": total_params, "trainable_parameters": trainable_params,
         "wall_s": wall, "tokens_per_s": tokens_seen / wall, "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(_summary_table(summary))
     return summary
-
-
-def _loss_sum(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the non-ignored targets (fp32 for stability)."""
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-@torch.no_grad()
-def _evaluate(model, blocks: TokenBlocks, batch_size: int, max_batches: int,
-              device: torch.device, amp_dtype) -> float:
-    """Mean loss per target token over the first `max_batches` batches (0: all) of `blocks`."""
-    model.eval()
-    count = len(blocks) if max_batches == 0 else min(len(blocks), max_batches * batch_size)
-    total, targets = torch.zeros((), device=device), 0
-    for start in range(0, count, batch_size):
-        inputs, labels = blocks.batch(range(start, min(start + batch_size, count)))
-        with autocast(device, amp_dtype):
-            total += _loss_sum(model, inputs.to(device), labels.to(device))
-        targets += int((labels != IGNORE_INDEX).sum())
-    return total.item() / targets
 
 
 def _save_final_atomically(model, tokenizer, path: Path, method_cfg) -> None:
@@ -210,9 +189,13 @@ def _save_final_atomically(model, tokenizer, path: Path, method_cfg) -> None:
 
 def _quiet_libraries() -> None:
     """Our own progress display is the only one: no per-shard bars from transformers."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # Deprecation notices between transformers and peft are for their developers, not ours.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
 def _seed_everything(seed: int) -> None:
@@ -222,11 +205,22 @@ def _seed_everything(seed: int) -> None:
 
 
 def _data_line(data) -> str:
-    return (f"data: {data.train_tokens:,} train tokens ({data.documents['train']} documents), "
-            f"{data.eval_tokens:,} eval tokens ({data.documents['eval']} documents); "
-            f"tokenizer {'from cache' if data.tokenizer_cached else 'trained'}, "
-            f"tokens {'from cache' if data.tokens_cached else 'prepared'} "
-            f"({data.tokens_dir})")
+    meta = data.meta
+    if "documents" in meta:  # pre-training
+        sizes = (f"{meta['train_tokens']:,} train tokens ({meta['documents']['train']} documents), "
+                 f"{meta['eval_tokens']:,} eval tokens ({meta['documents']['eval']} documents)")
+    else:
+        tr, ev = meta["train"], meta["eval"]
+        sizes = (f"{tr['samples']:,} train samples ({tr['tokens']:,} tokens, {len(data.train):,} "
+                 f"sequences), {ev['samples']:,} eval samples")
+        dropped = {k: tr[k] + ev[k] for k in ("truncated", "dropped_overlong", "dropped_all_masked",
+                                              "unknown_label") if k in tr and tr[k] + ev[k]}
+        if dropped:
+            sizes += "; " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in dropped.items())
+        if data.labels:
+            sizes += f"; {len(data.labels)} labels"
+    return (f"data: {sizes}; tokenizer {'from cache' if data.tokenizer_cached else 'trained'}, "
+            f"tokens {'from cache' if data.tokens_cached else 'prepared'} ({data.tokens_dir})")
 
 
 def _summary_table(summary: dict) -> Table:

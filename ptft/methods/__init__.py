@@ -1,7 +1,7 @@
 """Training methods: what part of a model trains and how the result is saved.
 
-Each method is a pair of functions, apply (before training) and save_final (after); the
-training loop is the same for all of them.
+Each method module has apply(model, cfg, task) (before training) and save_final(model,
+tokenizer, path) (after); the training loop is the same for all of them.
 """
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-from ptft.methods import full
+from ptft.methods import adapter, full, peft_methods
 
-_METHODS = {"full": full}
+_METHODS = {"full": full, "adapter": adapter, "lora": peft_methods, "ia3": peft_methods,
+            "prompt_tuning": peft_methods}
 
 
-def apply_method(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    return _METHODS[cfg.name].apply(model, cfg)
+def apply_method(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
+    """Prepare `model` for training with method `cfg` on `task` ("lm" or "classification")."""
+    return _METHODS[cfg.name].apply(model, cfg, task)
 
 
 def save_final(model: torch.nn.Module, tokenizer, path: Path, cfg) -> None:

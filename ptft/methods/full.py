@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 
-def apply(model: torch.nn.Module, cfg) -> torch.nn.Module:
+def apply(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
     model.requires_grad_(True)
     return model
 

@@ -1,0 +1,48 @@
+"""What is minimised and what is measured: summed losses, so the loop can normalise by the
+number of targets of a whole step, and evaluation figures (loss, perplexity, accuracy)."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ptft.data.batches import IGNORE_INDEX, Batch
+
+
+def _logits_and_loss(model, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(**batch.inputs).logits.float()  # fp32 softmax: stable under autocast
+    if task == "classification":
+        return logits, F.cross_entropy(logits, batch.labels, reduction="sum")
+    # Methods that prepend virtual tokens (prompt tuning) return longer logits: the
+    # predictions for the real tokens are the last ones.
+    logits = logits[:, -batch.labels.shape[1]:]
+    return logits, F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def loss_sum(model, batch: Batch, task: str) -> torch.Tensor:
+    """Cross-entropy summed over the batch's targets (next tokens, or one label per example)."""
+    return _logits_and_loss(model, batch, task)[1]
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable[Batch], task: str, device: torch.device) -> dict:
+    """Mean loss per target and perplexity; accuracy for classification."""
+    model.eval()
+    total, targets = torch.zeros((), device=device), 0
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for batch in batches:
+        batch = batch.to(device)
+        logits, summed = _logits_and_loss(model, batch, task)
+        total += summed
+        targets += batch.num_targets
+        if task == "classification":
+            correct += (logits.argmax(-1) == batch.labels).sum()
+    loss = total.item() / max(targets, 1)
+    result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    if task == "classification":
+        result = {"eval_loss": loss, "eval_accuracy": correct.item() / max(targets, 1)}
+    return result

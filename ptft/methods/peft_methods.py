@@ -1,0 +1,55 @@
+"""LoRA, IA3 and prompt tuning through peft. `final/` is a PEFT adapter directory that
+`peft.PeftModel.from_pretrained(base, final)` loads without ptft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ptft.errors import UsageError
+
+# Every linear layer of the attention and feed-forward blocks: adapting all of them is the
+# usual recommendation (QLoRA paper, section 4) over peft's q/v-only default.
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+}
+
+
+def _task_type(task: str):
+    from peft import TaskType
+    return TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+
+
+def _peft_config(model: torch.nn.Module, cfg, task: str):
+    from peft import IA3Config, LoraConfig, PromptTuningConfig
+
+    model_type = getattr(model.config, "model_type", "")
+    if cfg.name == "lora":
+        targets = cfg.target_modules or LORA_TARGETS.get(model_type, "all-linear")
+        return LoraConfig(task_type=_task_type(task), r=cfg.r, lora_alpha=cfg.alpha,
+                          lora_dropout=cfg.dropout, target_modules=targets,
+                          use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    if cfg.name == "ia3":
+        return IA3Config(task_type=_task_type(task), target_modules=cfg.target_modules,
+                         feedforward_modules=[] if cfg.target_modules else None)
+    return PromptTuningConfig(task_type=_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+def apply(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, _peft_config(model, cfg, task))
+    except ValueError as err:  # e.g. target modules that the model does not have
+        raise UsageError(f"method={cfg.name}: {str(err).splitlines()[0]} Check "
+                         "method.target_modules against the model's module names.") from None
+
+
+def save_final(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
