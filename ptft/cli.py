@@ -91,6 +91,111 @@ def config(
         Console().print(Syntax(OmegaConf.to_yaml(cfg), "yaml", background_color="default"))
 
 
+TARGET_HELP = "A run directory (its final/ model is used) or a model directory."
+
+
+@app.command(help="Generate a continuation of a prompt with a trained model and print the new "
+                  "text. Works for full, LoRA/IA3/prompt-tuning and adapter runs; a classifier "
+                  "prints its predicted label and probabilities instead.\n\n"
+                  "Examples:\n\n"
+                  "  ptft generate runs/pretrain/20261129-035156 --prompt 'The assert statement'\n\n"
+                  "  ptft generate runs/finetune/20261130-101500 --prompt 'def add(a, b):' "
+                  "--temperature 0\n\n"
+                  "  ptft generate my-model-dir --prompt 'Hello' --max-new-tokens 20 --seed 1")
+def generate(
+    target: str = typer.Argument(..., metavar="RUN_OR_MODEL_DIR", help=TARGET_HELP),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue (or classify)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature",
+                                      help="Sampling temperature; 0 is greedy decoding."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling: keep the most likely "
+                                                      "tokens up to this probability mass."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same text."),
+    chat: Optional[bool] = typer.Option(
+        None, "--chat/--no-chat", show_default="auto",
+        help="Render the prompt with the chat template. Default: on for runs fine-tuned on "
+             "instructions (SFT), off otherwise."),
+) -> None:
+    with _usage_errors():
+        from ptft import inference
+
+        found = inference.locate(target)
+        inference.quiet_libraries()
+        tokenizer = inference.load_tokenizer(found)
+        model = inference.load_model(found)
+        if found.task == "classification":
+            ranked = inference.classify(model, tokenizer, prompt)
+            print(f"classifier ({len(ranked)} labels); predicted label: {ranked[0][0]}")
+            for label, probability in ranked:
+                print(f"  {label:<24} {probability:.4f}")
+            return
+        use_chat = inference.chat_by_default(found) if chat is None else chat
+        print(inference.generate(model, tokenizer, prompt, chat=use_chat,
+                                 max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, seed=seed))
+
+
+@app.command(help="Fold a LoRA (or IA3) run into its base model and write a plain Hugging Face "
+                  "model directory (safetensors + tokenizer), by default RUN_DIR/merged. "
+                  "Bottleneck-adapter and full runs cannot be (or need not be) merged.\n\n"
+                  "Examples:\n\n"
+                  "  ptft merge runs/finetune/20261130-101500\n\n"
+                  "  ptft merge runs/finetune/20261130-101500 --output models/docstrings-lora")
+def merge(
+    run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="A LoRA or IA3 run directory "
+                                                               "(or its final/ folder)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Where to write the merged model (must not exist). "
+                                              "Default: RUN_DIR/merged."),
+) -> None:
+    with _usage_errors():
+        from pathlib import Path
+
+        from ptft import inference
+
+        found = inference.locate(run_dir)
+        inference.quiet_libraries()
+        print(inference.merge(found, Path(output) if output else None))
+
+
+@app.command(name="eval",
+             help="Evaluate a trained model on the eval split of a dataset: loss and perplexity "
+                  "(language models) or loss and accuracy (classifiers). A run is evaluated on "
+                  "its own data and settings unless overrides change them; a model directory "
+                  "with the fine-tuning defaults plus overrides.\n\n"
+                  "Examples:\n\n"
+                  "  ptft eval runs/finetune/20261130-101500\n\n"
+                  "  ptft eval runs/finetune/20261130-101500 train.eval_batches=0 --json\n\n"
+                  "  ptft eval my-model data=jsonl 'data.paths=\\[held_out.jsonl]'\n\n"
+                  "  ptft eval runs/pretrain/20261129-035156/final stage=pretrain data=python-docs")
+def eval_(
+    target: str = typer.Argument(..., metavar="RUN_OR_MODEL_DIR", help=TARGET_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP + " train."
+                                                    "eval_batches=0 evaluates the whole split."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    with _usage_errors():
+        import json
+
+        from ptft import inference
+
+        found = inference.locate(target)
+        inference.quiet_libraries()
+        result = inference.evaluate(found, list(overrides or []))
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        from rich.table import Table
+
+        table = Table(title="evaluation (eval split)", show_header=False)
+        names = {"eval_loss": ("loss", "{:.4f}"), "eval_ppl": ("perplexity", "{:.2f}"),
+                 "eval_accuracy": ("accuracy", "{:.4f}"), "eval_sequences": ("sequences", "{:,}")}
+        for key, value in result.items():
+            name, fmt = names.get(key, (key, "{}"))
+            table.add_row(name, fmt.format(value))
+        Console(soft_wrap=True).print(table)
+
+
 def _train(stage: str, overrides: list[str], multirun: bool) -> None:
     with _usage_errors():
         if multirun:

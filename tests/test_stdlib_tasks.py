@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from ptft.config.schema import DataConfig
+from ptft.data.sources import load_records
+from ptft.data.split import held_out
 from ptft.data.stdlib_tasks import (
     TASK_DATASETS,
     TOPIC_LABELS,
-    is_held_out,
     iter_records,
     task_fingerprint,
 )
@@ -89,20 +91,17 @@ def test_topic_records_cover_every_label(topics):
 
 
 @pytest.mark.parametrize("name", TASK_DATASETS)
-def test_split_is_by_module(name, docstrings, topics):
-    records = docstrings if name == "docstrings" else topics
-    sides = defaultdict(set)
-    for r in records:
-        sides[r["module"]].add(is_held_out(r["module"], 0.2))
-    assert all(len(s) == 1 for s in sides.values())
-    held = sum(True in s for s in sides.values()) / len(sides)
+def test_split_is_by_module(name):
+    records = load_records(DataConfig(source=name, eval_fraction=0.2))
+    train_modules = {r["module"] for r in records.train}
+    eval_modules = {r["module"] for r in records.eval}
+    assert train_modules and eval_modules and not train_modules & eval_modules
+    held = len(eval_modules) / len(train_modules | eval_modules)
     assert 0.05 <= held <= 0.35, held
-    assert not any(is_held_out(m, 0.0) for m in sides)
-    assert all(is_held_out(m, 1.0) for m in sides)
     # Growing the fraction only moves modules into eval, never back.
-    assert all(is_held_out(m, 0.3) for m in sides if is_held_out(m, 0.1))
-    with pytest.raises(ValueError):
-        is_held_out("json", 1.5)
+    modules = sorted(train_modules | eval_modules)
+    assert held_out(modules, 0.1) <= held_out(modules, 0.3)
+    assert held_out(modules, 0.0) == set()
 
 
 def test_order_is_deterministic(docstrings, topics):

@@ -113,15 +113,16 @@ def tokenize_sft(records: list[dict], tokenizer, cfg: DataConfig, seq_len: int,
             ids += piece
             flags += [is_answer or train_on_prompt] * len(piece)
         stats.samples += 1
-        if len(ids) > seq_len + 1:
+        overlong = len(ids) > seq_len + 1
+        if overlong:
             if cfg.overlong == Overlong.drop:
                 stats.dropped_overlong += 1
                 continue
             ids, flags = ids[:seq_len + 1], flags[:seq_len + 1]
-            stats.truncated += 1
         if not any(flags[1:]):  # nothing to learn: a prompt that fills the whole sequence
             stats.dropped_all_masked += 1
             continue
+        stats.truncated += overlong
         tokens_out.append(np.asarray(ids, dtype=np.int64))
         flags_out.append(np.asarray(flags, dtype=np.bool_))
         stats.lengths.append(len(ids) - 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptft.config.schema import DataConfig
-from ptft.data import corpus, stdlib_tasks
+from ptft.data import corpus, split, stdlib_tasks
 from ptft.errors import UsageError, caused_by, first_line
 
 # Bump when the way documents are read or split changes, so caches built before are not reused.
@@ -81,7 +81,7 @@ def load_documents(cfg: DataConfig) -> Documents:
     if cfg.eval_paths:
         eval_texts, _ = _read(cfg, cfg.eval_paths, "data.eval_paths")
         return Documents(train=texts, eval=eval_texts)
-    held_out = _held_out(ids, cfg.eval_fraction)
+    held_out = split.held_out(ids, cfg.eval_fraction)
     return Documents(train=[t for i, t in zip(ids, texts) if i not in held_out],
                      eval=[t for i, t in zip(ids, texts) if i in held_out])
 
@@ -160,13 +160,13 @@ def load_records(cfg: DataConfig) -> Records:
         records = [{**r, "_origin": f"{cfg.source} {r['id']}"}
                    for r in stdlib_tasks.iter_records(cfg.source, cfg.max_documents)]
         # Split by module: evaluation is on modules never seen in training.
-        held = [stdlib_tasks.is_held_out(r["module"], cfg.eval_fraction) for r in records]
-        return Records(train=[r for r, h in zip(records, held) if not h],
-                       eval=[r for r, h in zip(records, held) if h])
+        modules = split.held_out((r["module"] for r in records), cfg.eval_fraction)
+        return Records(train=[r for r in records if r["module"] not in modules],
+                       eval=[r for r in records if r["module"] in modules])
     records = _records_of(cfg, cfg.paths, "data.paths")
     if cfg.eval_paths:
         return Records(train=records, eval=_records_of(cfg, cfg.eval_paths, "data.eval_paths"))
-    held_out = _held_out([r["_origin"] for r in records], cfg.eval_fraction)
+    held_out = split.held_out([r["_origin"] for r in records], cfg.eval_fraction)
     return Records(train=[r for r in records if r["_origin"] not in held_out],
                    eval=[r for r in records if r["_origin"] in held_out])
 
@@ -202,20 +202,6 @@ def _texts_of(table, field: str, origin: str, limit: int | None) -> list[tuple[s
                              f"{type(text).__name__}, not text; choose a text column.")
         pairs.append((text or "", f"{origin}#{row}"))
     return pairs
-
-
-def _held_out(ids: list[str], fraction: float) -> set[str]:
-    """The ids of the eval documents: those whose hash falls below `fraction`. Hashing the id
-    (not the position) keeps a document on the same side when others are added."""
-    if fraction <= 0 or len(ids) < 2:
-        return set()
-    scores = {i: int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for i in ids}
-    chosen = {i for i, score in scores.items() if score < fraction}
-    if not chosen:  # tiny corpora: hold out at least one document so evaluation has data
-        chosen = {min(scores, key=scores.get)}
-    if len(chosen) == len(ids):
-        chosen.discard(max(scores, key=scores.get))
-    return chosen
 
 
 def _file_stamp(path: Path) -> list:

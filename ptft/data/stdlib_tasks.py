@@ -12,7 +12,7 @@ real code with real, human-written English, so two tasks come for free:
 
 Everything is extracted with ``ast`` (never by importing modules, which is slow,
 has side effects and fails on some platforms). Records carry their dotted
-module name so that :func:`is_held_out` can split train/eval *by module*:
+module name so that ptft.data.split can split train/eval *by module*:
 functions of one module share helpers, names and phrasing, so a random
 per-record split would leak; evaluation is instead on unseen modules.
 """
@@ -211,16 +211,3 @@ def task_fingerprint(name: str) -> str:
     _check_name(name)
     key = "\0".join(["tasks", str(TASKS_FORMAT_VERSION), name, sys.version, str(_stdlib_root())])
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-
-
-def is_held_out(module: str, eval_fraction: float) -> bool:
-    """Whether every record of ``module`` belongs to the evaluation split.
-
-    Hashing the dotted module name (not the record) keeps a module's functions
-    together, so evaluation measures generalisation to unseen modules; sha256
-    (unlike ``hash()``) is identical across processes and machines.
-    """
-    if not 0.0 <= eval_fraction <= 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
-    digest = hashlib.sha256(module.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction

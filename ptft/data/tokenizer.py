@@ -15,8 +15,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 # One token ends every document (and is the stop token when generating); one pads batches.
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# Role markers of ptft's default chat template (ptft.data.sft): one token each, and text in
+# a document can never produce them, so fine-tuning prompts stay unambiguous and short.
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 # Bump when training settings change, so cached tokenizers are retrained.
-TOKENIZER_FORMAT_VERSION = 1
+TOKENIZER_FORMAT_VERSION = 2
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -27,12 +30,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS],
         # All 256 bytes are in the vocabulary even if the corpus lacks some, so nothing is unknown.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   pad_token=PAD_TOKEN, model_max_length=1 << 30)
+                                   pad_token=PAD_TOKEN, additional_special_tokens=ROLE_TOKENS,
+                                   model_max_length=1 << 30)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -25,9 +25,9 @@ from rich.table import Table
 from ptft.config.schema import RootConfig
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
-from ptft.engine.objective import evaluate, loss_sum
+from ptft.engine.objective import accumulate_gradients, evaluate
 from ptft.engine.checkpoint import save_checkpoint
-from ptft.engine.device import autocast, autocast_dtype, resolve_device
+from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
 from ptft.engine.metrics import MetricsLog
 from ptft.engine.optim import build_optimizer, lr_at
 from ptft.engine.progress import ProgressReporter
@@ -123,14 +123,9 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = [stream.next_batch() for _ in range(t.grad_accum)]
-        # Normalise by the targets of the whole step, so batch 8 x accum 1 and batch 1 x
-        # accum 8 give the same gradient even when micro-batches differ in target count.
-        step_targets = sum(batch.num_targets for batch in micro_batches)
-        for batch in micro_batches:
-            with autocast(device, amp_dtype):
-                summed = loss_sum(model, batch.to(device), data.task)
-            (summed / step_targets).backward()
-            interval_loss += summed.detach()
+        summed, step_targets = accumulate_gradients(model, micro_batches, data.task, device,
+                                                    amp_dtype)
+        interval_loss += summed
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,7 +166,8 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         **{k: v for k, v in (evaluations[-1] if evaluations else {}).items()
            if k.startswith("eval_")},
         "parameters": total_params, "trainable_parameters": trainable_params,
-        "wall_s": wall, "tokens_per_s": tokens_seen / wall, "run_dir": str(run_dir),
+        "wall_s": wall, "tokens_per_s": tokens_seen / wall,
+        "peak_memory_mb": peak_memory_mb(device), "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(_summary_table(summary))
@@ -226,8 +222,9 @@ def _data_line(data) -> str:
 def _summary_table(summary: dict) -> Table:
     table = Table(title="run summary", show_header=False)
     fmt = {"train_loss": "{:.4f}", "eval_loss": "{:.4f}", "first_eval_loss": "{:.4f}",
-           "eval_ppl": "{:.2f}", "wall_s": "{:.1f}", "tokens_per_s": "{:,.0f}",
-           "parameters": "{:,}", "trainable_parameters": "{:,}", "tokens": "{:,}"}
+           "eval_ppl": "{:.2f}", "eval_accuracy": "{:.3f}", "wall_s": "{:.1f}",
+           "peak_memory_mb": "{:,.0f}", "tokens_per_s": "{:,.0f}", "parameters": "{:,}",
+           "trainable_parameters": "{:,}", "tokens": "{:,}"}
     for key, value in summary.items():
         text = fmt.get(key, "{}").format(value) if value is not None else "-"
         table.add_row(key, text)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ptft.data.batches import IGNORE_INDEX, Batch
+from ptft.engine.device import autocast
 
 
 def _logits_and_loss(model, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,6 +27,21 @@ def _logits_and_loss(model, batch: Batch, task: str) -> tuple[torch.Tensor, torc
 def loss_sum(model, batch: Batch, task: str) -> torch.Tensor:
     """Cross-entropy summed over the batch's targets (next tokens, or one label per example)."""
     return _logits_and_loss(model, batch, task)[1]
+
+
+def accumulate_gradients(model, micro_batches: list[Batch], task: str, device: torch.device,
+                         amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, int]:
+    """Backward over one optimizer step's micro-batches. Each loss is divided by the targets
+    of the WHOLE step, so batch 8 x accum 1 and batch 2 x accum 4 give the same gradient even
+    when micro-batches hold different numbers of targets. Returns (summed loss, targets)."""
+    step_targets = sum(batch.num_targets for batch in micro_batches)
+    total = torch.zeros((), device=device)
+    for batch in micro_batches:
+        with autocast(device, amp_dtype):
+            summed = loss_sum(model, batch.to(device), task)
+        (summed / step_targets).backward()
+        total += summed.detach()
+    return total, step_targets
 
 
 @torch.no_grad()

@@ -1,0 +1,475 @@
+"""Using a trained model: what a RUN_OR_MODEL_DIR argument points at, loading it whatever the
+method that trained it, and the three things done with it (generate, merge, eval).
+
+A run's `final/` is one of three shapes (see ptft/methods):
+    full       a plain Hugging Face model directory (config.json + weights)
+    peft       a PEFT adapter directory (adapter_config.json): LoRA, IA3, prompt tuning
+    adapter    ptft's bottleneck adapters (ptft_adapter_config.json)
+The last two hold only what training changed, so the base model named in their config is
+loaded first. The tokenizer is always saved in `final/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ptft.config.schema import RootConfig
+from ptft.errors import UsageError, first_line
+
+FULL, PEFT, ADAPTER = "full", "peft", "adapter"
+PEFT_CONFIG = "adapter_config.json"
+# A classifier's output head, by the names transformers gives it (Llama/GPT-2: score).
+HEAD_NAMES = ("score", "classifier")
+
+
+@dataclass
+class Target:
+    """A model to use, as found on disk."""
+    model_dir: Path
+    """The directory holding the model (a run's final/) and its tokenizer."""
+    run_dir: Path | None
+    """The run that produced it (it has config.yaml), when there is one."""
+    kind: str
+    """full, peft or adapter."""
+    task: str
+    """lm or classification."""
+    base: str | None
+    """The base model that a peft/adapter directory applies to (None for full)."""
+
+    @property
+    def peft_type(self) -> str | None:
+        """LORA, IA3, PROMPT_TUNING, ... for a peft directory."""
+        return _read_json(self.model_dir / PEFT_CONFIG).get("peft_type") if self.kind == PEFT else None
+
+    @property
+    def tokenizer_dir(self) -> str:
+        """A model.path for ptft.data.prepare_data: it loads the tokenizer from model.path and
+        first checks that the folder is a full model directory (config.json), which a peft or
+        adapter final/ is not. Their tokenizer is the base's, saved unchanged (the chat template
+        that prepare_data adds when missing is the same default either way), so the base
+        gives identical tokens."""
+        return str(self.model_dir) if self.kind == FULL else str(self.base)
+
+
+# ---- finding and describing ---------------------------------------------------------------
+
+def locate(path: str) -> Target:
+    """The model a RUN_OR_MODEL_DIR argument means: a run directory (its final/), a run's
+    final/ itself, or any model directory."""
+    given = Path(path).expanduser()
+    if not given.is_dir():
+        raise UsageError(f"{path} is not a directory; give a run directory (it holds final/) "
+                         "or a model directory.")
+    if (given / "config.yaml").is_file() and _model_kind(given) is None:
+        run_dir, model_dir = given, given / "final"
+        if not model_dir.is_dir():
+            raise UsageError(f"the run {path} has no final/ model: it has not finished (or "
+                             "stopped early). Resume it, or point at a model directory.")
+    else:
+        model_dir = given
+        # `<run>/final` given directly still belongs to its run (config, labels, chat mode).
+        run_dir = given.parent if (given.name == "final"
+                                   and (given.parent / "config.yaml").is_file()) else None
+    kind = _model_kind(model_dir)
+    if kind is None:
+        raise UsageError(f"{model_dir} is not a model directory: it has no config.json "
+                         f"(full model), {PEFT_CONFIG} (LoRA/IA3/prompt tuning) or "
+                         "ptft_adapter_config.json (bottleneck adapters).")
+    base = None if kind == FULL else _base_model(model_dir, kind)
+    return Target(model_dir=model_dir, run_dir=run_dir, kind=kind,
+                  task=_model_task(model_dir, kind), base=base)
+
+
+def _model_kind(folder: Path) -> str | None:
+    from ptft.methods import adapter
+
+    if adapter.is_adapter_dir(folder):
+        return ADAPTER
+    if (folder / PEFT_CONFIG).is_file():
+        return PEFT
+    if (folder / "config.json").is_file():
+        return FULL
+    return None
+
+
+def _base_model(model_dir: Path, kind: str) -> str:
+    from ptft.methods import adapter
+
+    config_file = model_dir / (adapter.CONFIG_FILE if kind == ADAPTER else PEFT_CONFIG)
+    base = _read_json(config_file).get("base_model_name_or_path")
+    if not base:
+        raise UsageError(f"{config_file} does not name its base model "
+                         "(base_model_name_or_path); it cannot be loaded without one.")
+    # A local path that is gone would otherwise be tried as a hub name, with a confusing error.
+    if Path(base).is_absolute() and not Path(base).exists():
+        raise UsageError(f"the base model {base} named in {config_file} does not exist any "
+                         "more; restore it (the adapter only holds what training changed).")
+    return base
+
+
+def _model_task(model_dir: Path, kind: str) -> str:
+    """classification when the model ends in a classification head, else lm."""
+    if kind == FULL:
+        architectures = _read_json(model_dir / "config.json").get("architectures") or []
+        is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    elif kind == PEFT:
+        is_classifier = _read_json(model_dir / PEFT_CONFIG).get("task_type") == "SEQ_CLS"
+    else:  # bottleneck adapters save a classifier's head with them (it is new, so it trains)
+        is_classifier = _head_rows(model_dir) is not None
+    return "classification" if is_classifier else "lm"
+
+
+def _head_rows(model_dir: Path) -> int | None:
+    """Rows (labels) of a classification head saved in a peft/adapter directory, if any."""
+    from safetensors import safe_open
+
+    weights = model_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), "pt") as f:
+        for name in f.keys():
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in HEAD_NAMES and parts[-1] == "weight":
+                return f.get_slice(name).get_shape()[0]
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {path}: {first_line(err)}") from None
+
+
+def run_config(run_dir: Path) -> RootConfig:
+    """The typed config a run was trained with, from its config.yaml."""
+    from ptft.config.compose import to_object, validate
+
+    raw = _load_run_yaml(run_dir)
+    validate(raw)
+    return to_object(raw)
+
+
+def _load_run_yaml(run_dir: Path):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.load(run_dir / "config.yaml")
+    except (OSError, OmegaConfBaseException, ValueError) as err:
+        raise UsageError(f"cannot read {run_dir / 'config.yaml'}: {first_line(err)}") from None
+
+
+def chat_by_default(target: Target) -> bool:
+    """Prompts go through the chat template when the model was instruction-tuned (SFT): it
+    learnt to answer after the template's assistant header, not to continue raw text."""
+    if target.run_dir is None:
+        return False
+    from ptft.data.prepare import resolve_task
+
+    return resolve_task(run_config(target.run_dir)) == "sft"
+
+
+def trust_remote_code(target: Target) -> bool:
+    """The run's choice; a directory without a run never runs shipped code."""
+    return run_config(target.run_dir).model.trust_remote_code if target.run_dir else False
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+def quiet_libraries() -> None:
+    """No per-shard progress bars or notices for library developers in our output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+
+
+def load_tokenizer(target: Target):
+    from ptft.data import tokenizer
+
+    try:
+        return tokenizer.load_tokenizer(target.model_dir, trust_remote_code(target))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load the tokenizer in {target.model_dir}: "
+                         f"{first_line(err)}") from None
+
+
+def classifier_labels(target: Target) -> list[str]:
+    """The label names of a classifier, in head order.
+
+    A full model stores them (id2label in config.json). A peft or adapter directory stores
+    only the head's weights, so the names come from the run's own training data, prepared
+    as in training (from the data cache when it is still there)."""
+    if target.kind == FULL:
+        id2label = _read_json(target.model_dir / "config.json").get("id2label") or {}
+        return [id2label[k] for k in sorted(id2label, key=int)]
+    rows = _head_rows(target.model_dir)
+    if target.run_dir is not None:
+        from ptft.data.prepare import prepare_data
+
+        cfg = run_config(target.run_dir)
+        cfg.model.path = target.tokenizer_dir
+        labels = prepare_data(cfg).labels or []
+        if rows is None or len(labels) == rows:
+            return labels
+    if rows is None:
+        raise UsageError(f"cannot tell the labels of the classifier in {target.model_dir}.")
+    return [f"LABEL_{i}" for i in range(rows)]  # no run to ask: transformers' default names
+
+
+def load_model(target: Target, labels: list[str] | None = None) -> torch.nn.Module:
+    """The trained model in eval mode, fp32: the base with the run's changes applied.
+    `labels` (classifiers) are the names of the head's outputs."""
+    from ptft import models
+
+    remote = trust_remote_code(target)
+    if target.task == "classification" and labels is None:
+        labels = classifier_labels(target)
+    if target.kind == FULL:
+        model = models.load_model(str(target.model_dir), remote, target.task, labels)
+    else:
+        base = models.load_model(target.base, remote, target.task, labels)
+        model = _apply_saved_changes(base, target)
+    return model.eval()
+
+
+def _apply_saved_changes(base: torch.nn.Module, target: Target) -> torch.nn.Module:
+    try:
+        if target.kind == PEFT:
+            from peft import PeftModel
+            return PeftModel.from_pretrained(base, str(target.model_dir))
+        from ptft.methods import adapter
+        return adapter.load(base, target.model_dir)
+    except (ValueError, RuntimeError, OSError) as err:  # e.g. a directory for another base
+        raise UsageError(f"could not apply {target.model_dir} to its base model "
+                         f"{target.base}: {first_line(err)}") from None
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- generate -----------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """The prompt as a (1, n) tensor of token ids, rendered as in training."""
+    if chat:
+        from ptft.data.sft import ensure_chat_template
+
+        ensure_chat_template(tokenizer)  # the template ptft trains with when a model has none
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+        # The rendered template carries its own special tokens (SFT tokenises it the same way).
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        # Pre-training ends every document with EOS, so after it the model starts a new one.
+        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+               else tokenizer.eos_token_id]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def generate(model, tokenizer, prompt: str, *, chat: bool, max_new_tokens: int,
+             temperature: float, top_p: float, seed: int) -> str:
+    """The model's continuation of `prompt` (the new text only). temperature 0 is greedy."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1.")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1].")
+    device = inference_device()
+    model.to(device)
+    ids = prompt_ids(tokenizer, prompt, chat).to(device)
+    limit = _max_positions(model)
+    if limit and ids.shape[1] + max_new_tokens > limit:
+        raise UsageError(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens "
+                         f"{max_new_tokens} exceeds the model's {limit} positions.")
+    sample = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample,
+        # top_k=0: only the sampling controls this command offers (transformers adds top-k 50).
+        **(dict(temperature=temperature, top_p=top_p, top_k=0) if sample else {}),
+        eos_token_id=_stop_tokens(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)  # the same seed gives the same sample
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             generation_config=config)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def _stop_tokens(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config names (chat models often
+    end a turn with a token of their own)."""
+    stops = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in (extra if isinstance(extra, list) else [extra]):
+        if token is not None and token not in stops:
+            stops.append(token)
+    return stops
+
+
+def _max_positions(model) -> int | None:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def classify(model, tokenizer, text: str) -> list[tuple[str, float]]:
+    """(label, probability) for every label, most likely first."""
+    device = inference_device()
+    model.to(device)
+    ids = tokenizer(text)["input_ids"]  # as classification examples are tokenised in training
+    limit = _max_positions(model)
+    ids = torch.tensor([ids[:limit] if limit else ids], dtype=torch.long, device=device)
+    with torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().softmax(-1)[0]
+    id2label = model.config.id2label
+    return sorted(((id2label[i], float(p)) for i, p in enumerate(probs.tolist())),
+                  key=lambda pair: -pair[1])
+
+
+# ---- merge --------------------------------------------------------------------------------
+
+def merge(target: Target, output: Path | None) -> Path:
+    """Fold a LoRA (or IA3) run into its base weights and save a plain model directory
+    (safetensors + tokenizer). Written under a temporary name and renamed when complete."""
+    _check_mergeable(target)
+    if output is None:
+        output = (target.run_dir / "merged" if target.run_dir is not None
+                  else target.model_dir.with_name(target.model_dir.name + "-merged"))
+    output = output.expanduser()
+    if output.exists():
+        raise UsageError(f"{output} already exists; remove it or choose --output DIR.")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as err:
+        raise UsageError(f"cannot write {output}: {err.strerror}.") from None
+    try:
+        tokenizer = load_tokenizer(target)
+        merged = load_model(target).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _check_mergeable(target: Target) -> None:
+    where = target.run_dir or target.model_dir
+    if target.kind == FULL:
+        raise UsageError(f"{where} is already a full model: there is nothing to merge; use "
+                         f"{target.model_dir} as it is.")
+    if target.kind == ADAPTER:
+        raise UsageError(f"{where} was trained with bottleneck adapters, which add new layers "
+                         "(a down and an up projection with a non-linearity between them) "
+                         "rather than changing existing weights, so they cannot be folded into "
+                         "the base weights. Use the run as it is (ptft generate / ptft eval).")
+    if target.peft_type not in ("LORA", "IA3"):
+        raise UsageError(f"{where} was trained with {target.peft_type}, which learns extra "
+                         "inputs rather than weight changes, so there is nothing to fold into "
+                         "the base weights; only LoRA and IA3 runs can be merged.")
+
+
+# ---- eval ---------------------------------------------------------------------------------
+
+def eval_config(target: Target, overrides: list[str]) -> RootConfig:
+    """The config to evaluate with: the run's own (same data, seq_len, batches) with
+    `overrides` applied, or, for a model directory without a run, the composed fine-tuning
+    stage. A `stage=` override chooses the stage (e.g. stage=pretrain data=python-docs)."""
+    from omegaconf import OmegaConf
+
+    from ptft.config.compose import GROUPS, compose, to_object, validate
+
+    keys = [o.lstrip("+~").split("=")[0] for o in overrides]
+    if "model.path" in keys:
+        raise UsageError("the model evaluated is the RUN_OR_MODEL_DIR argument; drop the "
+                         "model.path= override.")
+    stage = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("stage=")),
+                 None)
+    rest = [o for o in overrides if not o.startswith("stage=")]
+    if target.run_dir is None:
+        cfg = compose(_stage(stage or "finetune"), [f"model.path={target.tokenizer_dir}", *rest])
+        return to_object(cfg)
+
+    run = _load_run_yaml(target.run_dir)
+    # Compose with the run's group choices (option names are the method name and data
+    # source), so an override such as method.r=4 or data.paths=[...] is checked against
+    # the blocks the run has; the user's own choices win.
+    chosen = {k for k in keys if k in GROUPS}
+    run_choices = [f"{g}={v}" for g, v in (("method", run.method.name), ("data", run.data.source))
+                   if g not in chosen]
+    composed = compose(_stage(stage or run.stage.name), [*run_choices, *rest])
+    # Start from the run's values; a group choice replaces its whole block, a key override
+    # its key (with the value as composed: parsed and type-checked by Hydra and the schema).
+    for key in dict.fromkeys(keys):
+        OmegaConf.update(run, key, OmegaConf.select(composed, key), merge=False)
+    run.model.path = target.tokenizer_dir
+    validate(run)
+    return to_object(run)
+
+
+def _stage(stage: str) -> str:
+    from ptft.config.compose import group_options
+    from ptft.errors import did_you_mean
+
+    stages = group_options("stage")
+    if stage not in stages:
+        raise UsageError(f"unknown stage '{stage}'.{did_you_mean(stage, stages)} "
+                         f"Stages: {', '.join(stages)}.")
+    return stage
+
+
+def evaluate(target: Target, overrides: list[str]) -> dict:
+    """Loss and perplexity (language models) or loss and accuracy (classifiers) on the eval
+    split, computed by the training loop's own evaluation."""
+    from ptft.data.batches import eval_batches
+    from ptft.data.prepare import prepare_data
+    from ptft.engine import objective
+    from ptft.engine.device import autocast, autocast_dtype, resolve_device
+
+    cfg = eval_config(target, overrides)
+    data = prepare_data(cfg)
+    if data.task != target.task:
+        raise UsageError(_task_mismatch(target, data.task))
+    labels = None
+    if data.task == "classification":
+        labels = classifier_labels(target)
+        if list(data.labels) != list(labels):
+            raise UsageError(f"the data's labels ({', '.join(data.labels)}) are not the ones "
+                             f"the classifier was trained on ({', '.join(labels)}).")
+    if len(data.eval) == 0:
+        raise UsageError("the eval split is empty (smaller than one sequence of train.seq_len="
+                         f"{cfg.train.seq_len}); raise data.eval_fraction or give data.eval_paths.")
+    device = resolve_device(cfg.train)
+    model = load_model(target, labels).to(device)
+    with autocast(device, autocast_dtype(cfg.train, device)):
+        result = objective.evaluate(model, eval_batches(data.eval, cfg.train.batch_size,
+                                                        cfg.train.eval_batches),
+                                    data.task, device)
+    batches = len(data.eval) if cfg.train.eval_batches == 0 else min(
+        len(data.eval), cfg.train.eval_batches * cfg.train.batch_size)
+    return {**result, "task": data.task, "model": str(target.model_dir),
+            "data": cfg.data.source, "eval_sequences": batches}
+
+
+def _task_mismatch(target: Target, data_task: str) -> str:
+    if target.task == "classification":
+        return (f"{target.model_dir} is a classifier but the data is for language modelling; "
+                "evaluate it on classification data (data=stdlib-topics, or your records with "
+                "stage.task=classification).")
+    return (f"{target.model_dir} is a language model but the data is for classification; "
+            "evaluate it on text or SFT data (e.g. data=docstrings).")
