@@ -220,15 +220,22 @@ def _check_stage(stage: str) -> str:
 
 
 class _usage_errors:
-    """Print a UsageError as one line and exit 2; anything else is a bug and keeps its traceback."""
+    """Print a UsageError (exit 2), a preemption (exit 75) or a failed run (exit 1) as one
+    line; anything else is a bug and keeps its traceback."""
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, UsageError):
-            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
-            raise typer.Exit(EXIT_USAGE)
+        from ptft.errors import EXIT_FAILURE, EXIT_PREEMPTED, Preempted, TrainingFailed
+
+        # Expected ways for a run to end early: one line each, and a code a script can use.
+        codes = {UsageError: EXIT_USAGE, Preempted: EXIT_PREEMPTED, TrainingFailed: EXIT_FAILURE}
+        for kind, code in codes.items():
+            if exc_type is not None and issubclass(exc_type, kind):
+                label = "stopped" if kind is Preempted else "error"
+                err_console.print(f"[red]{label}:[/] {escape(str(exc))}", highlight=False)
+                raise typer.Exit(code)
         return False
 
 

@@ -8,10 +8,21 @@ from typing import Iterable
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# A run stopped by a signal (preemption, Ctrl-C) after saving a checkpoint. 75 is EX_TEMPFAIL
+# of sysexits.h, "try again later": a batch script requeues on it.
+EXIT_PREEMPTED = 75
 
 
 class UsageError(Exception):
     """Bad usage, config or input. The message names the thing and says how to fix it."""
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint and stopped on a signal; running it again resumes it."""
+
+
+class TrainingFailed(Exception):
+    """Training cannot go on (e.g. a non-finite loss); the message says why and what was kept."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

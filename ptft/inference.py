@@ -150,11 +150,21 @@ def _read_json(path: Path) -> dict:
 
 def run_config(run_dir: Path) -> RootConfig:
     """The typed config a run was trained with, from its config.yaml."""
-    from ptft.config.compose import to_object, validate
+    from ptft.config.compose import to_object
 
     raw = _load_run_yaml(run_dir)
-    validate(raw)
+    _validate_run_config(raw, run_dir)
     return to_object(raw)
+
+
+def _validate_run_config(cfg, run_dir: Path) -> None:
+    """validate(), naming the file: a run from an older ptft may carry keys it no longer has."""
+    from ptft.config.compose import validate
+
+    try:
+        validate(cfg)
+    except UsageError as err:
+        raise UsageError(f"{run_dir / 'config.yaml'}: {err}") from None
 
 
 def _load_run_yaml(run_dir: Path):
@@ -192,6 +202,9 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    # Generating with prompt tuning: transformers passes position ids, peft replaces them with
+    # its own (virtual tokens first) and warns every time; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message="Position ids are not supported", module=r"peft\.")
 
 
 def load_tokenizer(target: Target):
@@ -392,7 +405,7 @@ def eval_config(target: Target, overrides: list[str]) -> RootConfig:
     stage. A `stage=` override chooses the stage (e.g. stage=pretrain data=python-docs)."""
     from omegaconf import OmegaConf
 
-    from ptft.config.compose import GROUPS, compose, to_object, validate
+    from ptft.config.compose import GROUPS, compose, to_object
 
     keys = [o.lstrip("+~").split("=")[0] for o in overrides]
     if "model.path" in keys:
@@ -418,7 +431,7 @@ def eval_config(target: Target, overrides: list[str]) -> RootConfig:
     for key in dict.fromkeys(keys):
         OmegaConf.update(run, key, OmegaConf.select(composed, key), merge=False)
     run.model.path = target.tokenizer_dir
-    validate(run)
+    _validate_run_config(run, target.run_dir)
     return to_object(run)
 
 
@@ -460,10 +473,10 @@ def evaluate(target: Target, overrides: list[str]) -> dict:
         result = objective.evaluate(model, eval_batches(data.eval, cfg.train.batch_size,
                                                         cfg.train.eval_batches),
                                     data.task, device)
-    batches = len(data.eval) if cfg.train.eval_batches == 0 else min(
+    sequences = len(data.eval) if cfg.train.eval_batches == 0 else min(
         len(data.eval), cfg.train.eval_batches * cfg.train.batch_size)
     return {**result, "task": data.task, "model": str(target.model_dir),
-            "data": cfg.data.source, "eval_sequences": batches}
+            "data": cfg.data.source, "eval_sequences": sequences}
 
 
 def _task_mismatch(target: Target, data_task: str) -> str:

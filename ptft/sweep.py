@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from ptft.config import compose as composing
-from ptft.errors import EXIT_USAGE, UsageError, first_line
+from ptft.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError, first_line
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -57,6 +57,9 @@ def _job(cfg) -> dict:
     except UsageError as err:
         console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(EXIT_USAGE)
+    except Preempted as err:
+        console.print(f"[red]stopped:[/] {escape(str(err))}", highlight=False)
+        sys.exit(EXIT_PREEMPTED)
 
 
 def _is_hydra_override(override: str) -> bool:

@@ -16,7 +16,10 @@ from ptft.engine.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
+from ptft.engine.checkpoint import load_checkpoint, restore_rng
 from ptft.engine.optim import build_optimizer, lr_at
+
+CONFIG = "train:\n  lr: 0.1\n"  # the config text a checkpoint carries
 
 
 class Tiny(torch.nn.Module):
@@ -126,7 +129,8 @@ def test_save_checkpoint_layout(tmp_path):
     model = Tiny()
     optimizer = _trained(model)
     root = tmp_path / "checkpoints"
-    path = save_checkpoint(root, 7, model, optimizer, {"tokens_seen": 123, "data": {"epoch": 0}})
+    path = save_checkpoint(root, 7, model, optimizer, {"tokens_seen": 123, "data": {"epoch": 0}},
+                           CONFIG)
     assert path == root / "step-000007"
     assert checkpoint_name(7) == "step-000007" and checkpoint_name(123456) == "step-123456"
     names = {p.name for p in path.iterdir()}
@@ -147,7 +151,7 @@ def test_save_checkpoint_layout(tmp_path):
 def test_saved_model_tensors_equal_parameters(tmp_path):
     model = Tiny(tied=False)
     optimizer = _trained(model)
-    path = save_checkpoint(tmp_path, 3, model, optimizer, {})
+    path = save_checkpoint(tmp_path, 3, model, optimizer, {}, CONFIG)
     saved = read_tensors(path / "model.safetensors")
     params = dict(model.named_parameters())
     assert set(saved) == set(params)
@@ -159,7 +163,7 @@ def test_tied_parameters_are_stored_once(tmp_path):
     model = Tiny(tied=True)
     assert model.head.weight is model.embed.weight
     optimizer = _trained(model)
-    path = save_checkpoint(tmp_path, 1, model, optimizer, {})
+    path = save_checkpoint(tmp_path, 1, model, optimizer, {}, CONFIG)
     saved = read_tensors(path / "model.safetensors")
     shared = [name for name in saved if name in ("embed.weight", "head.weight")]
     assert len(shared) == 1
@@ -181,7 +185,7 @@ def test_complete_checkpoints_ignores_partial_ones(tmp_path):
     root = tmp_path / "checkpoints"
     assert complete_checkpoints(root) == []  # no folder yet
     for step in (20, 5, 100):
-        save_checkpoint(root, step, model, optimizer, {})
+        save_checkpoint(root, step, model, optimizer, {}, CONFIG)
     (root / "step-000200").mkdir()                     # interrupted: no COMPLETE
     (root / "step-000200" / "model.safetensors").write_bytes(b"partial")
     leftover = root / ".step-000300.tmp-99999"         # a killed save's temp folder
@@ -194,11 +198,46 @@ def test_complete_checkpoints_ignores_partial_ones(tmp_path):
 def test_resaving_a_step_replaces_it(tmp_path):
     model = Tiny(tied=False)
     optimizer = _trained(model)
-    save_checkpoint(tmp_path, 4, model, optimizer, {"tokens_seen": 1})
+    save_checkpoint(tmp_path, 4, model, optimizer, {"tokens_seen": 1}, CONFIG)
     with torch.no_grad():
         model.proj.weight.add_(1.0)
-    path = save_checkpoint(tmp_path, 4, model, optimizer, {"tokens_seen": 2})
+    path = save_checkpoint(tmp_path, 4, model, optimizer, {"tokens_seen": 2}, CONFIG)
     assert json.loads((path / "state.json").read_text())["tokens_seen"] == 2
     assert torch.equal(read_tensors(path / "model.safetensors")["proj.weight"],
                        model.proj.weight.detach())
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["step-000004"]
+
+
+def test_load_checkpoint_restores_weights_optimizer_and_rng(tmp_path):
+    model = Tiny()
+    optimizer = _trained(model)
+    path = save_checkpoint(tmp_path, 5, model, optimizer, {"tokens_seen": 9}, CONFIG)
+    expected_next = torch.rand(3)  # what the RNG gives right after the save
+    fresh = Tiny()
+    fresh_optimizer = build_optimizer(fresh, TrainConfig(), torch.device("cpu"))
+    state = load_checkpoint(path, fresh, fresh_optimizer)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    for group_a, group_b in zip(optimizer.state.values(), fresh_optimizer.state.values()):
+        for key in group_a:
+            assert torch.equal(group_a[key], group_b[key]), key
+    restore_rng(state)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert state["tokens_seen"] == 9 and (path / "config.yaml").read_text() == CONFIG
+
+
+def test_keep_last_rotates_only_after_a_complete_save(tmp_path):
+    model = Tiny()
+    optimizer = _trained(model)
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model, optimizer, {}, CONFIG, keep_last=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
+
+
+def test_a_checkpoint_with_pickled_files_is_refused(tmp_path):
+    model = Tiny()
+    optimizer = _trained(model)
+    path = save_checkpoint(tmp_path, 1, model, optimizer, {}, CONFIG)
+    torch.save({"evil": 1}, path / "extra.pt")
+    with pytest.raises(ValueError, match="pickled"):
+        load_checkpoint(path, Tiny(), build_optimizer(Tiny(), TrainConfig(), torch.device("cpu")))

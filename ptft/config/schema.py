@@ -58,6 +58,13 @@ class Task(str, Enum):
     """A sequence-classification head on the pre-trained body; accuracy at each evaluation."""
 
 
+class OnNonFinite(str, Enum):
+    stop = "stop"
+    """Stop the run before the optimizer step; the last good checkpoint stays."""
+    skip = "skip"
+    """Skip that step's update (at most train.max_nonfinite_skips times, then stop)."""
+
+
 class Device(str, Enum):
     auto = "auto"
     """CUDA if present, else CPU."""
@@ -262,6 +269,10 @@ class TrainConfig:
     """Seeds model init, data order and dropout."""
     precision: Precision = Precision.auto
     device: Device = Device.auto
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
+    """What a NaN/inf loss or gradient norm does (see OnNonFinite)."""
+    max_nonfinite_skips: int = 10
+    """With on_nonfinite=skip, stop after this many skipped steps."""
 
 
 @dataclass
@@ -270,6 +281,12 @@ class RunConfig:
     """Run directory. null: runs/<stage>/<timestamp>/ (in a sweep, one directory per job)."""
     root: str = "runs"
     """Parent of the automatic run directories."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint of run.dir when there is one;
+    never: refuse a run.dir that holds checkpoints; a path: resume from that checkpoint."""
+    keep_last: Optional[int] = None
+    """Keep only the newest K checkpoints (older ones are deleted after a successful save).
+    null: keep all."""
 
 
 @dataclass

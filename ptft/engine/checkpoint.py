@@ -31,7 +31,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict) -> Path:
+                    state: dict, config_yaml: str, keep_last: int | None = None) -> Path:
+    """Write a complete checkpoint for `step` atomically, then rotate old ones (only after
+    the new one is complete, so a failed save never costs the previous checkpoint)."""
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -42,6 +44,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     _write_json(tmp / "optimizer.json", hyper)
     save_file(_torch_rng_state(), tmp / "rng.safetensors")
     _write_json(tmp / "state.json", {**state, "step": step, "rng": _host_rng_state()})
+    (tmp / "config.yaml").write_text(config_yaml)  # what this state belongs to
     _write_json(tmp / COMPLETE_MARKER, {"step": step})
     _fsync_dir(tmp)
     if final.exists():  # a previous attempt at this very step that completed: replace it
@@ -52,7 +55,61 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         os.fsync(fd)
     finally:
         os.close(fd)
+    if keep_last:
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# Pickle can run code when loaded: a checkpoint holding such files is refused, not read.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model weights and optimizer state from `path`; return state.json (whose
+    RNG states the caller restores with restore_rng, last, right before training goes on)."""
+    pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise ValueError(f"{path} holds pickled files ({', '.join(pickled)}); ptft only loads "
+                         "safetensors and JSON, since unpickling can run arbitrary code.")
+    weights = load_file(str(path / "model.safetensors"))
+    params = dict(model.named_parameters())
+    missing = sorted(set(trainable_state(model)) - set(weights))
+    unknown = sorted(set(weights) - set(params))
+    if missing or unknown:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unknown[:5]}.")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    hyper = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                                   hyper))
+    state = json.loads((path / "state.json").read_text())
+    state["torch_rng"] = load_file(str(path / "rng.safetensors"))
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["rng"]["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch_rng"]["torch_cpu"])
+    cuda = [state["torch_rng"][k] for k in sorted(state["torch_rng"]) if k.startswith("torch_cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def remove_partial_checkpoints(root: Path) -> list[str]:
+    """Delete leftovers of saves that were killed midway; return their names."""
+    if not root.is_dir():
+        return []
+    partial = [p for p in root.iterdir() if p.is_dir() and (
+        p.name.startswith(".") or not (p / COMPLETE_MARKER).is_file())]
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in partial]
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -84,6 +141,17 @@ def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], hyper: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in hyper["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": hyper["param_groups"]}
 
 
 def _torch_rng_state() -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """The run executor: one training loop for every stage and method, readable top to bottom.
 
-    setup:   run dir -> data (cached) -> model -> method -> optimizer
-    train:   for each step: lr -> micro-batches -> backward -> clip -> optimizer step
-             (+ log, evaluate, checkpoint at their cadence)
+    setup:   run dir -> resume point -> data (cached) -> model -> method -> optimizer
+    train:   for each step: lr -> micro-batches -> backward -> finite? -> clip -> optimizer step
+             (+ log, evaluate, checkpoint at their cadence; stop cleanly on a signal)
     finish:  final model, summary.json, summary table
 """
 
@@ -17,22 +17,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ptft.config.schema import RootConfig
+from ptft.config.schema import OnNonFinite, RootConfig
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
-from ptft.engine.objective import accumulate_gradients, evaluate
-from ptft.engine.checkpoint import save_checkpoint
+from ptft.engine.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
 from ptft.engine.metrics import MetricsLog
+from ptft.engine.objective import accumulate_gradients, evaluate
 from ptft.engine.optim import build_optimizer, lr_at
 from ptft.engine.progress import ProgressReporter
+from ptft.engine.resume import checkpoint_config, compare_configs, find_checkpoint, truncate_metrics
 from ptft.engine.rundir import create_run_dir
-from ptft.errors import UsageError
+from ptft.engine.signals import StopRequests
+from ptft.errors import Preempted, TrainingFailed, UsageError
 from ptft.methods import apply_method, save_final
 from ptft.models import build_model, check_model_path, count_parameters, load_model, resolve_latest
 
@@ -47,41 +48,34 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     if cfg.model.path:  # resolve `latest` and check the folder before anything is written
         cfg.model.path = resolve_latest(cfg.model.path, cfg.run.root)
         check_model_path(cfg.model.path)
-    run_dir = create_run_dir(cfg.run.dir, cfg.run.root, cfg.stage.name)
+    run_dir, new_dir = create_run_dir(cfg.run.dir, cfg.run.root, cfg.stage.name)
     cfg.run.dir = str(run_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    console.print(f"[bold]ptft {cfg.stage.name}[/]  run dir: {run_dir}")
-    _quiet_libraries()
-    _seed_everything(t.seed)
-    device = resolve_device(t)
-    amp_dtype = autocast_dtype(t, device)
-
-    data = prepare_data(cfg)
-    console.print(_data_line(data), highlight=False)
-    if len(data.train) == 0:
-        raise UsageError(f"the training data is smaller than one sequence of train.seq_len="
-                         f"{t.seq_len}; add data or lower train.seq_len.")
-    if len(data.eval) == 0:
-        console.print("[yellow]warning:[/] the held-out split is smaller than one sequence: no "
-                      "evaluation. Raise data.eval_fraction or give data.eval_paths.",
-                      highlight=False)
-
-    tokenizer = data.tokenizer
-    if cfg.model.path:
-        model = load_model(cfg.model.path, cfg.model.trust_remote_code, data.task, data.labels)
-    else:
-        model = build_model(cfg.model, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                            tokenizer.pad_token_id, t.seed)
-    max_positions = getattr(model.config, "max_position_embeddings", None) or \
-        getattr(model.config, "n_positions", None)
-    if max_positions and t.seq_len > max_positions:
-        raise UsageError(f"train.seq_len={t.seq_len} exceeds the model's "
-                         f"max_position_embeddings={max_positions}; lower train.seq_len.")
-    model = apply_method(model, cfg.method, data.task).to(device)
-    total_params, trainable_params = count_parameters(model)
-    optimizer = build_optimizer(model, t, device)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    try:
+        resume_from = find_checkpoint(cfg.run.resume, run_dir)
+        if resume_from:
+            changes = compare_configs(checkpoint_config(resume_from), OmegaConf.to_container(
+                OmegaConf.create(config_yaml)))
+            console.print(f"resuming from {resume_from}"
+                          + (f" (changed: {'; '.join(changes)})" if changes else ""),
+                          highlight=False)
+        console.print(f"[bold]ptft {cfg.stage.name}[/]  run dir: {run_dir}")
+        _quiet_libraries()
+        _seed_everything(t.seed)
+        device = resolve_device(t)
+        amp_dtype = autocast_dtype(t, device)
+        data = prepare_data(cfg)
+        console.print(_data_line(data), highlight=False)
+        _check_data_sizes(data, t.seq_len, console)
+        model = _model(cfg, data)
+        model = apply_method(model, cfg.method, data.task).to(device)
+        total_params, trainable_params = count_parameters(model)
+        optimizer = build_optimizer(model, t, device)
+    except BaseException:
+        if new_dir:  # nothing of this run is worth keeping: leave no half-made directory
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     trainable = [p for p in model.parameters() if p.requires_grad]
-
     sequences_per_step = t.batch_size * t.grad_accum
     total_steps = t.max_steps if t.max_steps is not None else max(
         1, math.ceil((t.epochs or 1) * len(data.train) / sequences_per_step))
@@ -96,9 +90,24 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
                   f"{t.seq_len} tokens = {total_steps * sequences_per_step / len(data.train):.2f} "
                   "epochs", highlight=False)
 
+    # Where the loop starts: step 0, or exactly where the checkpoint left off.
+    state = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "first_eval": None,
+             "interval": {"loss": 0.0, "targets": 0}}
+    if resume_from:
+        loaded = load_checkpoint(resume_from, model, optimizer)
+        stream.sampler.load_state_dict(loaded["sampler"])
+        state.update({k: loaded[k] for k in state if k in loaded})
+        truncate_metrics(run_dir / "metrics.jsonl", state["step"])
+        restore_rng(loaded)  # last: nothing between here and the loop may draw random numbers
+    (run_dir / "config.yaml").write_text(config_yaml)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    progress = ProgressReporter(total_steps, console)
+    progress = ProgressReporter(total_steps, console, start_step=state["step"])
     evaluations: list[dict] = []
+    summary = {"status": "running", "stage": cfg.stage.name, "task": resolve_task(cfg),
+               "method": cfg.method.name, "model": cfg.model.path or cfg.model.name,
+               "data": cfg.data.source, "parameters": total_params,
+               "trainable_parameters": trainable_params, "run_dir": str(run_dir)}
+    _write_summary(run_dir, summary)
 
     def run_eval(step: int) -> None:
         if len(data.eval) == 0:
@@ -109,69 +118,135 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         row = {"kind": "eval", "step": step, **result, "elapsed_s": time.perf_counter() - started}
         metrics.write(row)
         evaluations.append(row)
+        state["first_eval"] = state["first_eval"] or result["eval_loss"]
         progress.message("eval  step {:>6}  ".format(step) + "  ".join(
             f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.items()))
+        model.train()
+
+    def save(step: int) -> Path:
+        return save_checkpoint(run_dir / "checkpoints", step, model, optimizer,
+                               {**state, "sampler": stream.sampler.state_dict()}, config_yaml,
+                               cfg.run.keep_last)
 
     # ---- train -------------------------------------------------------------------------
-    run_eval(0)
-    model.train()
-    tokens_seen, last_row = 0, None
-    interval_loss = torch.zeros((), device=device)  # summed on device: no sync per micro-batch
-    interval_targets, interval_start = 0, time.perf_counter()
-    for step in range(total_steps):
-        lr = lr_at(step, t, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = [stream.next_batch() for _ in range(t.grad_accum)]
-        summed, step_targets = accumulate_gradients(model, micro_batches, data.task, device,
-                                                    amp_dtype)
-        interval_loss += summed
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += step_targets
-        interval_targets += step_targets
-        done = step + 1
-        progress.step(done)
-
-        if done % t.log_every == 0 or done == total_steps:
-            now = time.perf_counter()
-            last_row = {"kind": "train", "step": done, "loss": interval_loss.item() / interval_targets,
-                        "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
-                        "tokens_per_s": interval_targets / (now - interval_start),
-                        "elapsed_s": now - started}
-            metrics.write(last_row)
-            progress.log(last_row)
-            interval_loss.zero_()
-            interval_targets, interval_start = 0, now
-        if done % t.eval_every == 0 and done != total_steps:
-            run_eval(done)
+    try:
+        with StopRequests() as stop:
+            if state["step"] == 0:
+                run_eval(0)
             model.train()
-        if t.save_every and done % t.save_every == 0:
-            save_checkpoint(run_dir / "checkpoints", done, model, optimizer, {
-                "tokens_seen": tokens_seen, "sampler": stream.sampler.state_dict()})
+            last_row, interval_start = None, time.perf_counter()
+            for step in range(state["step"], total_steps):
+                lr = lr_at(step, t, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro_batches = [stream.next_batch() for _ in range(t.grad_accum)]
+                summed, step_targets = accumulate_gradients(model, micro_batches, data.task,
+                                                            device, amp_dtype)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
+                # One host sync per step (not per micro-batch) to keep a NaN out of the weights.
+                step_loss, norm = summed.item(), float(grad_norm)
+                loss = step_loss / step_targets
+                done = step + 1
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    metrics.write({"kind": "train", "step": done, "loss": loss, "grad_norm": norm,
+                                   "lr": lr, "nonfinite": True})
+                    _handle_nonfinite(t, state, done, loss, norm, run_dir)
+                    optimizer.zero_grad(set_to_none=True)  # skip: no update from this step
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["interval"]["loss"] += step_loss
+                    state["interval"]["targets"] += step_targets
+                state["tokens_seen"] += step_targets
+                state["step"] = done
+                progress.step(done)
+
+                if (done % t.log_every == 0 or done == total_steps) and state["interval"]["targets"]:
+                    now = time.perf_counter()
+                    interval = state["interval"]
+                    last_row = {"kind": "train", "step": done,
+                                "loss": interval["loss"] / interval["targets"], "lr": lr,
+                                "grad_norm": norm, "tokens": state["tokens_seen"],
+                                "tokens_per_s": interval["targets"] / (now - interval_start),
+                                "elapsed_s": now - started}
+                    metrics.write(last_row)
+                    progress.log(last_row)
+                    state["interval"] = {"loss": 0.0, "targets": 0}
+                    interval_start = now
+                if done % t.eval_every == 0 and done != total_steps:
+                    run_eval(done)
+                if t.save_every and done % t.save_every == 0:
+                    save(done)
+                if stop.received and done != total_steps:
+                    path = save(done)
+                    raise Preempted(f"stopped by {stop.received} at step {done}; checkpoint "
+                                    f"saved to {path}. Run the same command with "
+                                    f"run.dir={run_dir} to resume.")
+    except (Preempted, TrainingFailed, KeyboardInterrupt) as err:
+        progress.close()
+        metrics.close()
+        status = "preempted" if isinstance(err, Preempted) else "failed"
+        _write_summary(run_dir, {**summary, "status": status, "steps": state["step"],
+                                 "reason": str(err) or type(err).__name__})
+        raise
 
     # ---- finish ------------------------------------------------------------------------
     run_eval(total_steps)
     progress.close()
     metrics.close()
-    _save_final_atomically(model, tokenizer, run_dir / "final", cfg.method)
+    _save_final_atomically(model, data.tokenizer, run_dir / "final", cfg.method)
     wall = time.perf_counter() - started
-    summary = {
-        "status": "finished", "stage": cfg.stage.name, "task": resolve_task(cfg), "method": cfg.method.name,
-        "model": cfg.model.path or cfg.model.name, "data": cfg.data.source,
-        "steps": total_steps, "tokens": tokens_seen,
+    summary.update({
+        "status": "finished", "steps": total_steps, "tokens": state["tokens_seen"],
+        "skipped_steps": state["skipped_steps"],
         "train_loss": last_row["loss"] if last_row else None,
-        "first_eval_loss": evaluations[0]["eval_loss"] if evaluations else None,
+        "first_eval_loss": state["first_eval"],
         **{k: v for k, v in (evaluations[-1] if evaluations else {}).items()
            if k.startswith("eval_")},
-        "parameters": total_params, "trainable_parameters": trainable_params,
-        "wall_s": wall, "tokens_per_s": tokens_seen / wall,
-        "peak_memory_mb": peak_memory_mb(device), "run_dir": str(run_dir),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        "wall_s": wall, "tokens_per_s": state["tokens_seen"] / wall,
+        "peak_memory_mb": peak_memory_mb(device)})
+    _write_summary(run_dir, summary)
     console.print(_summary_table(summary))
     return summary
+
+
+def _model(cfg: RootConfig, data):
+    """The pre-trained model (model.path) or a new one of the configured shape."""
+    tokenizer = data.tokenizer
+    if cfg.model.path:
+        model = load_model(cfg.model.path, cfg.model.trust_remote_code, data.task, data.labels)
+    else:
+        model = build_model(cfg.model, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                            tokenizer.pad_token_id, cfg.train.seed)
+    max_positions = getattr(model.config, "max_position_embeddings", None) or \
+        getattr(model.config, "n_positions", None)
+    if max_positions and cfg.train.seq_len > max_positions:
+        raise UsageError(f"train.seq_len={cfg.train.seq_len} exceeds the model's "
+                         f"max_position_embeddings={max_positions}; lower train.seq_len.")
+    return model
+
+
+def _check_data_sizes(data, seq_len: int, console: Console) -> None:
+    if len(data.train) == 0:
+        raise UsageError(f"the training data is smaller than one sequence of train.seq_len="
+                         f"{seq_len}; add data or lower train.seq_len.")
+    if len(data.eval) == 0:
+        console.print("[yellow]warning:[/] the held-out split is smaller than one sequence: no "
+                      "evaluation. Raise data.eval_fraction or give data.eval_paths.",
+                      highlight=False)
+
+
+def _handle_nonfinite(t, state: dict, step: int, loss: float, norm: float, run_dir: Path) -> None:
+    """Stop (default) or count a skipped step; the weights never see the bad gradient."""
+    state["skipped_steps"] += 1
+    what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step}"
+    if t.on_nonfinite == OnNonFinite.skip and state["skipped_steps"] <= t.max_nonfinite_skips:
+        return
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint yet"
+    raise TrainingFailed(f"{what} (loss {loss}, grad norm {norm}); stopped before the optimizer "
+                         f"step, {kept}. Lower train.lr or set train.grad_clip; "
+                         "train.on_nonfinite=skip skips such steps.")
 
 
 def _save_final_atomically(model, tokenizer, path: Path, method_cfg) -> None:
@@ -181,6 +256,12 @@ def _save_final_atomically(model, tokenizer, path: Path, method_cfg) -> None:
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
+
+
+def _write_summary(run_dir: Path, summary: dict) -> None:
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run_dir / "summary.json")
 
 
 def _quiet_libraries() -> None:

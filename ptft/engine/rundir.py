@@ -9,12 +9,14 @@ from pathlib import Path
 from ptft.errors import UsageError
 
 
-def create_run_dir(explicit: str | None, root: str, stage: str) -> Path:
-    """`explicit` (run.dir) if given, else a new <root>/<stage>/<timestamp>[-N] folder.
+def create_run_dir(explicit: str | None, root: str, stage: str) -> tuple[Path, bool]:
+    """`explicit` (run.dir) if given, else a new <root>/<stage>/<timestamp>[-N] folder; and
+    whether it is new (so a run that fails while starting can remove it again).
 
     Fails early, before any work, when the location is not writable."""
     if explicit:
         path = Path(explicit).expanduser()
+        new = not path.exists() or not any(path.iterdir())
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -26,6 +28,7 @@ def create_run_dir(explicit: str | None, root: str, stage: str) -> Path:
         except OSError as err:
             raise UsageError(f"cannot create {parent}: {err.strerror}; set run.root or run.dir "
                              "to a writable place.") from None
+        new = True
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for attempt in range(1000):  # two runs started in the same second get -1, -2, ...
             path = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
@@ -36,4 +39,4 @@ def create_run_dir(explicit: str | None, root: str, stage: str) -> Path:
                 continue
     if not os.access(path, os.W_OK):
         raise UsageError(f"the run directory {path} is not writable; choose another run.dir.")
-    return path
+    return path, new

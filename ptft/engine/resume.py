@@ -1,0 +1,89 @@
+"""Deciding whether and from where a run resumes, and that the checkpoint fits the config.
+
+A checkpoint carries the config it was written under. Keys that shape the model, the data
+or the optimisation problem must match (a resumed run must continue the same run); keys that
+only change cadence or length (max steps, eval/save/log cadence, loggers) may differ and are
+reported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ptft.engine.checkpoint import PICKLE_SUFFIXES, complete_checkpoints, remove_partial_checkpoints
+from ptft.errors import UsageError
+
+# Keys that may change when resuming: they change how long or how often, not what is trained.
+SAFE_TO_CHANGE = {
+    "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches",
+    "train.save_every", "train.log_every", "train.max_nonfinite_skips", "train.on_nonfinite",
+    "train.device", "train.precision", "run.resume", "run.keep_last", "run.dir", "run.root",
+    "data.cache_dir",
+}
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from, per run.resume (auto | never | a path), or None."""
+    root = run_dir / "checkpoints"
+    if resume not in ("auto", "never"):
+        path = Path(resume).expanduser()
+        if not path.is_dir():
+            raise UsageError(f"run.resume={resume}: no such checkpoint directory.")
+        if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+            raise UsageError(f"run.resume={resume} holds pickled files; ptft only loads "
+                             "safetensors and JSON checkpoints (unpickling can run code).")
+        if not (path / "COMPLETE").is_file():
+            raise UsageError(f"run.resume={resume} is not a complete ptft checkpoint (no "
+                             "COMPLETE marker): it was cut short or is not one.")
+        return path
+    existing = complete_checkpoints(root)
+    if resume == "never" and existing:
+        raise UsageError(f"{run_dir} already holds checkpoints and run.resume=never; choose "
+                         "another run.dir, or set run.resume=auto to continue it.")
+    removed = remove_partial_checkpoints(root)
+    if removed:
+        print(f"removed unfinished checkpoint saves: {', '.join(removed)}")
+    return existing[-1] if existing and resume == "auto" else None
+
+
+def compare_configs(saved: dict, current: dict) -> list[str]:
+    """The safe differences between a checkpoint's config and the current one; UsageError
+    listing the unsafe ones."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    unsafe = [k for k in changed if k not in SAFE_TO_CHANGE]
+    if unsafe:
+        lines = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)
+        raise UsageError(f"cannot resume: the config differs from the checkpoint's in {lines}. "
+                         "Use the original values, or start a new run (another run.dir).")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if k != "run.resume"]
+
+
+def checkpoint_config(path: Path) -> dict:
+    return yaml.safe_load((path / "config.yaml").read_text())
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows after `step`, so a resumed run continues metrics.jsonl without
+    duplicate steps (rows past the checkpoint were written by the run that died)."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines()
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(r + "\n" for r in kept))
+    tmp.replace(path)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
