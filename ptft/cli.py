@@ -98,7 +98,7 @@ TARGET_HELP = "A run directory (its final/ model is used) or a model directory."
                   "text. Works for full, LoRA/IA3/prompt-tuning and adapter runs; a classifier "
                   "prints its predicted label and probabilities instead.\n\n"
                   "Examples:\n\n"
-                  "  ptft generate runs/pretrain/20261129-035156 --prompt 'The assert statement'\n\n"
+                  "  ptft generate runs/pretrain/20261129-035156 -p 'The assert statement'\n\n"
                   "  ptft generate runs/finetune/20261130-101500 --prompt 'def add(a, b):' "
                   "--temperature 0\n\n"
                   "  ptft generate my-model-dir --prompt 'Hello' --max-new-tokens 20 --seed 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable
 
 EXIT_OK = 0
@@ -46,3 +47,17 @@ def caused_by(err: BaseException, kind: type) -> BaseException | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+_SECRET_KEY = re.compile(r"(_token|_key|password|secret)$|password", re.IGNORECASE)
+
+
+def redact_secrets(tree):
+    """A copy of a config tree with the values of secret-looking keys (*_token, *_key,
+    *password*, *secret) replaced, for everything ptft writes or prints."""
+    if isinstance(tree, dict):
+        return {k: "***" if _SECRET_KEY.search(str(k)) and tree[k] is not None
+                else redact_secrets(tree[k]) for k in tree}
+    if isinstance(tree, list):
+        return [redact_secrets(v) for v in tree]
+    return tree

@@ -46,7 +46,9 @@ class Target:
     @property
     def peft_type(self) -> str | None:
         """LORA, IA3, PROMPT_TUNING, ... for a peft directory."""
-        return _read_json(self.model_dir / PEFT_CONFIG).get("peft_type") if self.kind == PEFT else None
+        if self.kind != PEFT:
+            return None
+        return _read_json(self.model_dir / PEFT_CONFIG).get("peft_type")
 
     @property
     def tokenizer_dir(self) -> str:
@@ -62,7 +64,7 @@ class Target:
 
 def locate(path: str) -> Target:
     """The model a RUN_OR_MODEL_DIR argument means: a run directory (its final/), a run's
-    final/ itself, or any model directory."""
+    final/ or merged/ itself, or any model directory."""
     given = Path(path).expanduser()
     if not given.is_dir():
         raise UsageError(f"{path} is not a directory; give a run directory (it holds final/) "
@@ -74,8 +76,9 @@ def locate(path: str) -> Target:
                              "stopped early). Resume it, or point at a model directory.")
     else:
         model_dir = given
-        # `<run>/final` given directly still belongs to its run (config, labels, chat mode).
-        run_dir = given.parent if (given.name == "final"
+        # `<run>/final` (or the `<run>/merged` that `ptft merge` writes) given directly still
+        # belongs to its run: its config, labels and chat mode apply.
+        run_dir = given.parent if (given.name in ("final", "merged")
                                    and (given.parent / "config.yaml").is_file()) else None
     kind = _model_kind(model_dir)
     if kind is None:
@@ -346,7 +349,8 @@ def classify(model, tokenizer, text: str) -> list[tuple[str, float]]:
     limit = _max_positions(model)
     ids = torch.tensor([ids[:limit] if limit else ids], dtype=torch.long, device=device)
     with torch.no_grad():
-        probs = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().softmax(-1)[0]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    probs = logits.float().softmax(-1)[0]
     id2label = model.config.id2label
     return sorted(((id2label[i], float(p)) for i, p in enumerate(probs.tolist())),
                   key=lambda pair: -pair[1])

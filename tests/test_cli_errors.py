@@ -84,3 +84,44 @@ def test_help_and_config_do_not_import_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=tmp_path)
     assert result.stdout.strip().endswith("NO-TORCH"), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "..", ".hidden"])
+def test_run_names_cannot_escape_the_output_root(name, tmp_path, cache_dir):
+    result = run_ptft("pretrain", *TINY, f"run.name={name}", cwd=tmp_path, cache=cache_dir)
+    assert_usage_error(result, "run.name")
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "runs").exists()
+
+
+def test_secret_looking_keys_are_redacted():
+    from ptft.errors import redact_secrets
+    tree = {"logger": {"api_key": "abc", "hf_token": "t", "db_password": "p", "tokens": 5},
+            "items": [{"secret": "s"}]}
+    assert redact_secrets(tree) == {"logger": {"api_key": "***", "hf_token": "***",
+                                               "db_password": "***", "tokens": 5},
+                                    "items": [{"secret": "***"}]}
+
+
+BAD_INPUTS = [
+    # (files to create, overrides, words the message must contain)
+    ({"empty.jsonl": ""}, ["data=jsonl", "data.paths=[empty.jsonl]"], ["empty.jsonl", "empty"]),
+    ({"blank.txt": "   \n"}, ["data=text-files", "data.paths=[blank.txt]"], ["no non-empty"]),
+    ({"latin1.txt": "caf\xe9".encode("latin-1")}, ["data=text-files", "data.paths=[latin1.txt]"],
+     ["latin1.txt", "UTF-8"]),
+    ({"cols.csv": "body\nhello world\n"}, ["data=csv", "data.paths=[cols.csv]"],
+     ["cols.csv", "no column 'text'", "body"]),
+    ({"num.jsonl": '{"text": 5}\n'}, ["data=jsonl", "data.paths=[num.jsonl]"], ["row 0", "int"]),
+    ({}, ["data=parquet", "data.paths=[missing/*.parquet]"], ["missing/*.parquet"]),
+]
+
+
+@pytest.mark.parametrize("files, overrides, words", BAD_INPUTS,
+                         ids=["empty-file", "blank-text", "non-utf8", "missing-column",
+                              "non-text-column", "no-such-file"])
+def test_bad_pretraining_inputs(files, overrides, words, tmp_path, cache_dir):
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    result = run_ptft("pretrain", *TINY, *overrides, "run.dir=r", cwd=tmp_path, cache=cache_dir)
+    assert_usage_error(result, *words)
+    assert not (tmp_path / "r").exists()  # a run that could not start leaves nothing behind

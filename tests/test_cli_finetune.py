@@ -106,3 +106,21 @@ def test_finetune_without_a_pretrained_model_says_what_to_run(tmp_path, cache_di
 def test_pretraining_data_is_refused_for_finetuning(tmp_path, cache_dir):
     result = run_ptft("finetune", "data=python-docs", cwd=tmp_path, cache=cache_dir)
     assert result.returncode == 2 and "data=docstrings" in result.stderr
+
+
+@pytest.mark.parametrize("records, overrides, words", [
+    ([{"question": "a", "answer": "b"}] * 20, [], ["no 'prompt'", "question", "data.prompt_field"]),
+    ([{"prompt": "word " * 400, "response": "x"}] * 20, ["train.seq_len=64"],
+     ["no training sample", "train.seq_len"]),
+    ([{"text": "some words", "label": "only-one"}] * 20, ["stage.task=classification"],
+     ["at least two labels"]),
+], ids=["missing-prompt-column", "every-response-cut-off", "one-label"])
+def test_bad_finetuning_records(workspace, cache_dir, tmp_path, records, overrides, words):
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_ptft("finetune", *TINY_SFT, "data=jsonl", f"data.paths=[{tmp_path / 'sft.jsonl'}]",
+                      *overrides, "run.dir=bad", cwd=workspace, cache=cache_dir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+    assert not (workspace / "bad").exists()

@@ -134,13 +134,14 @@ def test_save_checkpoint_layout(tmp_path):
     assert path == root / "step-000007"
     assert checkpoint_name(7) == "step-000007" and checkpoint_name(123456) == "step-123456"
     names = {p.name for p in path.iterdir()}
-    assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
-            COMPLETE_MARKER} <= names
+    assert {"model.safetensors", "optimizer.safetensors", "rng-rank0.safetensors",
+            "state-rank0.json", "state.json", "config.yaml", COMPLETE_MARKER} <= names
     state = json.loads((path / "state.json").read_text())
     assert state["step"] == 7 and state["tokens_seen"] == 123 and state["data"] == {"epoch": 0}
-    assert "python" in state["rng"] and "numpy" in state["rng"]
+    rank_state = json.loads((path / "state-rank0.json").read_text())
+    assert "python" in rank_state["rng"] and "numpy" in rank_state["rng"]
     assert json.loads((path / COMPLETE_MARKER).read_text()) == {"step": 7}
-    rng = read_tensors(path / "rng.safetensors")
+    rng = read_tensors(path / "rng-rank0.safetensors")
     assert torch.equal(rng["torch_cpu"], torch.get_rng_state())
     opt = load_file(str(path / "optimizer.safetensors"))
     assert any(k.endswith("exp_avg") for k in opt) and any(k.endswith("exp_avg_sq") for k in opt)

@@ -65,6 +65,14 @@ class OnNonFinite(str, Enum):
     """Skip that step's update (at most train.max_nonfinite_skips times, then stop)."""
 
 
+class Strategy(str, Enum):
+    ddp = "ddp"
+    """Every process holds the whole model; gradients are averaged (DistributedDataParallel)."""
+    fsdp = "fsdp"
+    """Parameters, gradients and optimizer state sharded over processes (FSDP2 fully_shard,
+    per decoder layer); for models too big for one device. method=full only."""
+
+
 class Device(str, Enum):
     auto = "auto"
     """CUDA if present, else CPU."""
@@ -269,6 +277,8 @@ class TrainConfig:
     """Seeds model init, data order and dropout."""
     precision: Precision = Precision.auto
     device: Device = Device.auto
+    strategy: Strategy = Strategy.ddp
+    """How several processes (torchrun, srun) share the work; one process ignores it."""
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     """What a NaN/inf loss or gradient norm does (see OnNonFinite)."""
     max_nonfinite_skips: int = 10
@@ -281,6 +291,9 @@ class RunConfig:
     """Run directory. null: runs/<stage>/<timestamp>/ (in a sweep, one directory per job)."""
     root: str = "runs"
     """Parent of the automatic run directories."""
+    name: Optional[str] = None
+    """Name the run: its directory is <root>/<stage>/<name> (a plain name: no '/', no '..').
+    Giving the same name again resumes it (see resume). null: a timestamp."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint of run.dir when there is one;
     never: refuse a run.dir that holds checkpoints; a path: resume from that checkpoint."""

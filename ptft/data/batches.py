@@ -69,14 +69,19 @@ class BlockSampler:
 
 
 class TrainStream:
-    """Endless shuffled training batches of one dataset."""
+    """Endless shuffled training batches of one dataset. With several ranks, every rank
+    draws the same global batch (batch_size x world_size indices) and collates its own slice,
+    so the run sees the same sequences per step as one process with the global batch."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int):
-        self.dataset = dataset
-        self.sampler = BlockSampler(len(dataset), batch_size, seed)
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.dataset, self.batch_size, self.rank = dataset, batch_size, rank
+        self.sampler = BlockSampler(len(dataset), batch_size * world_size, seed)
 
     def next_batch(self) -> Batch:
-        return self.dataset.collate(self.sampler.next_batch())
+        indices = self.sampler.next_batch()
+        return self.dataset.collate(indices[self.rank * self.batch_size:
+                                            (self.rank + 1) * self.batch_size])
 
 
 def eval_batches(dataset: Dataset, batch_size: int, max_batches: int) -> Iterator[Batch]:

@@ -1,10 +1,11 @@
 """Checkpoints: everything needed to continue a run, never half-written, never pickled.
 
 checkpoints/step-000100/
-    model.safetensors      trainable weights
+    model.safetensors      trainable weights (whole, also when training was sharded)
     optimizer.safetensors  optimizer state tensors; optimizer.json holds its hyper-parameters
-    rng.safetensors        torch CPU/CUDA generator states
-    state.json             step, tokens seen, data position, python/numpy RNG, anything else
+    rng-rank{R}.safetensors, state-rank{R}.json   each process's RNG states
+    state.json             step, tokens seen, data position, interval sums, world size
+    config.yaml            the config the state belongs to
     COMPLETE               written last: only a folder with this marker is loadable
 
 A checkpoint is written under a temporary name, flushed, then renamed into place, so a run
@@ -31,62 +32,118 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, config_yaml: str, keep_last: int | None = None) -> Path:
+                    state: dict, config_yaml: str, keep_last: int | None = None,
+                    world=None) -> Path:
     """Write a complete checkpoint for `step` atomically, then rotate old ones (only after
-    the new one is complete, so a failed save never costs the previous checkpoint)."""
+    the new one is complete, so a failed save never costs the previous checkpoint).
+
+    Called on every rank: weights and optimizer state are gathered whole (whatever the
+    wrapping: none, DDP or FSDP) and written by rank 0; each rank writes its own RNG state."""
+    from ptft.engine.distributed import World
+
+    world = world or World()
     final = root / checkpoint_name(step)
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "model.safetensors")
-    tensors, hyper = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, tmp / "optimizer.safetensors")
-    _write_json(tmp / "optimizer.json", hyper)
-    save_file(_torch_rng_state(), tmp / "rng.safetensors")
-    _write_json(tmp / "state.json", {**state, "step": step, "rng": _host_rng_state()})
-    (tmp / "config.yaml").write_text(config_yaml)  # what this state belongs to
-    _write_json(tmp / COMPLETE_MARKER, {"step": step})
-    _fsync_dir(tmp)
-    if final.exists():  # a previous attempt at this very step that completed: replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if keep_last:
-        for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".{final.name}.tmp"
+    weights, optim = _full_state(model, optimizer)
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    save_file(_torch_rng_state(), tmp / f"rng-rank{world.rank}.safetensors")
+    _write_json(tmp / f"state-rank{world.rank}.json", {"rng": _host_rng_state()})
+    if world.is_main:
+        save_file(weights, tmp / "model.safetensors")
+        tensors, hyper = _flatten_optimizer(optim)
+        save_file(tensors, tmp / "optimizer.safetensors")
+        _write_json(tmp / "optimizer.json", hyper)
+        _write_json(tmp / "state.json", {**state, "step": step, "world_size": world.world_size})
+        (tmp / "config.yaml").write_text(config_yaml)  # what this state belongs to
+    world.barrier()
+    if world.is_main:
+        _write_json(tmp / COMPLETE_MARKER, {"step": step})
+        _fsync_dir(tmp)
+        if final.exists():  # a previous attempt at this very step that completed: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root, files=False)
+        if keep_last:
+            for old in complete_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
     return final
+
+
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Trainable weights and optimizer state as whole CPU tensors keyed by parameter name,
+    the same for a plain, DDP-wrapped or FSDP-sharded model (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = set(trainable_state_names(model))
+    weights = {k: v.detach().contiguous() for k, v in
+               get_model_state_dict(model, options=options).items() if k in names}
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as CPU tensors on rank 0 (others get an empty dict), for
+    saving final/ from a DDP or FSDP run. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def trainable_state_names(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters, without wrapper prefixes; tied weights once."""
+    raw = getattr(model, "module", model)  # DDP keeps the model as .module
+    return [n.replace("_orig_mod.", "") for n, p in raw.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights by name, as CPU tensors (a plain model's; see _full_state)."""
+    raw = getattr(model, "module", model)
+    return {n.replace("_orig_mod.", ""): p.detach().contiguous().cpu()
+            for n, p in raw.named_parameters() if p.requires_grad}
 
 
 # Pickle can run code when loaded: a checkpoint holding such files is refused, not read.
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model weights and optimizer state from `path`; return state.json (whose
-    RNG states the caller restores with restore_rng, last, right before training goes on)."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    world=None) -> dict:
+    """Restore model weights and optimizer state from `path` (every rank reads the whole
+    files; FSDP keeps its shard of them); return state.json with this rank's RNG states, which
+    the caller restores with restore_rng, last, right before training goes on."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from ptft.engine.distributed import World
+
+    world = world or World()
     pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickled:
         raise ValueError(f"{path} holds pickled files ({', '.join(pickled)}); ptft only loads "
                          "safetensors and JSON, since unpickling can run arbitrary code.")
+    state = json.loads((path / "state.json").read_text())
+    if state.get("world_size", 1) != world.world_size:
+        raise ValueError(f"{path} was written by {state.get('world_size', 1)} processes; this "
+                         f"run has {world.world_size}. Resume with the same number of processes.")
     weights = load_file(str(path / "model.safetensors"))
-    params = dict(model.named_parameters())
-    missing = sorted(set(trainable_state(model)) - set(weights))
-    unknown = sorted(set(weights) - set(params))
+    expected = set(trainable_state_names(model))
+    missing, unknown = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unknown:
         raise ValueError(f"{path} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unknown[:5]}.")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
     hyper = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                                   hyper))
-    state = json.loads((path / "state.json").read_text())
-    state["torch_rng"] = load_file(str(path / "rng.safetensors"))
+    set_optimizer_state_dict(model, optimizer, _unflatten_optimizer(
+        load_file(str(path / "optimizer.safetensors")), hyper), options=options)
+    state["rng"] = json.loads((path / f"state-rank{world.rank}.json").read_text())["rng"]
+    state["torch_rng"] = load_file(str(path / f"rng-rank{world.rank}.safetensors"))
     return state
 
 
@@ -112,18 +169,6 @@ def remove_partial_checkpoints(root: Path) -> list[str]:
     return [p.name for p in partial]
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable weights by name; tied weights are stored once (safetensors refuses
-    shared storage)."""
-    seen: set[int] = set()
-    state = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad and id(param) not in seen:
-            seen.add(id(param))
-            state[name] = param.detach().contiguous().cpu()
-    return state
-
-
 def complete_checkpoints(root: Path) -> list[Path]:
     """Loadable checkpoints in step order (partial ones have no COMPLETE marker)."""
     if not root.is_dir():
@@ -133,24 +178,23 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as safetensors-ready tensors plus JSON for the rest. Keys are
+    parameter names or indices; '/' separates them because names contain dots."""
     tensors, scalars = {}, {}
-    for index, entry in state_dict["state"].items():
+    for param, entry in state_dict["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{param}/{key}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{index}.{key}"] = value
+                scalars[f"{param}/{key}"] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], hyper: dict) -> dict:
     state: dict = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in hyper["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+    for flat, value in [*tensors.items(), *hyper["scalars"].items()]:
+        param, name = flat.rsplit("/", 1)
+        state.setdefault(int(param) if param.isdigit() else param, {})[name] = value
     return {"state": state, "param_groups": hyper["param_groups"]}
 
 
@@ -176,9 +220,9 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path, files: bool = True) -> None:
     """Flush every file in `path`, then the directory entry itself, to stable storage."""
-    for child in path.iterdir():
+    for child in path.iterdir() if files else ():
         if child.is_file():
             with open(child, "rb") as f:
                 os.fsync(f.fileno())

@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ptft.config.schema import OnNonFinite, RootConfig
+from ptft.config.schema import OnNonFinite, RootConfig, Strategy
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
-from ptft.engine.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from ptft.engine.checkpoint import full_model_state, load_checkpoint, restore_rng, save_checkpoint
+from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
 from ptft.engine.metrics import MetricsLog
 from ptft.engine.objective import accumulate_gradients, evaluate
@@ -33,14 +34,21 @@ from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import checkpoint_config, compare_configs, find_checkpoint, truncate_metrics
 from ptft.engine.rundir import create_run_dir
 from ptft.engine.signals import StopRequests
-from ptft.errors import Preempted, TrainingFailed, UsageError
+from ptft.errors import Preempted, TrainingFailed, UsageError, redact_secrets
 from ptft.methods import apply_method, save_final
 from ptft.models import build_model, check_model_path, count_parameters, load_model, resolve_latest
 
 
 def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     """Run one training job described by `cfg`; returns the summary (also in summary.json)."""
-    console = console or Console()
+    world = init_world()
+    try:
+        return _execute(cfg, world, console or Console(quiet=not world.is_main))
+    finally:
+        world.close()
+
+
+def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
     started = time.perf_counter()
     t = cfg.train
 
@@ -48,11 +56,17 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     if cfg.model.path:  # resolve `latest` and check the folder before anything is written
         cfg.model.path = resolve_latest(cfg.model.path, cfg.run.root)
         check_model_path(cfg.model.path)
-    run_dir, new_dir = create_run_dir(cfg.run.dir, cfg.run.root, cfg.stage.name)
+        if Path(cfg.model.path).expanduser().exists():  # recorded absolute: adapters point
+            cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())  # at their base
+    # Rank 0 decides where the run lives and where it resumes from; the others follow.
+    run_dir, new_dir = _on_main(world, lambda: create_run_dir(
+        cfg.run.dir, cfg.run.root, cfg.stage.name, cfg.run.name))
+    new_dir = new_dir and world.is_main
     cfg.run.dir = str(run_dir)
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    config_yaml = OmegaConf.to_yaml(redact_secrets(OmegaConf.to_container(
+        OmegaConf.structured(cfg), enum_to_str=True)))
     try:
-        resume_from = find_checkpoint(cfg.run.resume, run_dir)
+        resume_from = _on_main(world, lambda: find_checkpoint(cfg.run.resume, run_dir))
         if resume_from:
             changes = compare_configs(checkpoint_config(resume_from), OmegaConf.to_container(
                 OmegaConf.create(config_yaml)))
@@ -64,12 +78,19 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         _seed_everything(t.seed)
         device = resolve_device(t)
         amp_dtype = autocast_dtype(t, device)
-        data = prepare_data(cfg)
+        # Rank 0 prepares (and caches) the data once; the others then read the cache.
+        data = _on_main(world, lambda: prepare_data(cfg))
+        world.wait_for_main()
+        data = data if world.is_main else prepare_data(cfg)
         console.print(_data_line(data), highlight=False)
         _check_data_sizes(data, t.seq_len, console)
         model = _model(cfg, data)
         model = apply_method(model, cfg.method, data.task).to(device)
         total_params, trainable_params = count_parameters(model)
+        if world.distributed and t.strategy == Strategy.fsdp and cfg.method.name != "full":
+            raise UsageError("train.strategy=fsdp shards whole models: use it with method=full, "
+                             f"or train method={cfg.method.name} with train.strategy=ddp.")
+        model = wrap_model(model, world, t.strategy.value, device, amp_dtype)
         optimizer = build_optimizer(model, t, device)
     except BaseException:
         if new_dir:  # nothing of this run is worth keeping: leave no half-made directory
@@ -79,35 +100,41 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     sequences_per_step = t.batch_size * t.grad_accum
     total_steps = t.max_steps if t.max_steps is not None else max(
         1, math.ceil((t.epochs or 1) * len(data.train) / sequences_per_step))
-    stream = TrainStream(data.train, t.batch_size, t.seed)
+    # Every rank walks the same shuffled order and takes its own slice of each global batch.
+    stream = TrainStream(data.train, t.batch_size, t.seed, world.rank, world.world_size)
     console.print(
         f"model: {cfg.model.path or cfg.model.name}  {total_params / 1e6:.2f}M parameters, "
         f"{trainable_params / 1e6:.3f}M trainable ({100 * trainable_params / total_params:.2f}%, "
         f"method {cfg.method.name})  device: {device}"
+        f"{f' x {world.world_size} processes ({t.strategy.value})' if world.distributed else ''}"
         f"{'  autocast ' + str(amp_dtype).split('.')[-1] if amp_dtype else '  fp32'}",
         highlight=False)
-    console.print(f"training: {total_steps} steps x {sequences_per_step} sequences of up to "
-                  f"{t.seq_len} tokens = {total_steps * sequences_per_step / len(data.train):.2f} "
+    global_sequences = sequences_per_step * world.world_size
+    console.print(f"training: {total_steps} steps x {global_sequences} sequences of up to "
+                  f"{t.seq_len} tokens = {total_steps * global_sequences / len(data.train):.2f} "
                   "epochs", highlight=False)
 
     # Where the loop starts: step 0, or exactly where the checkpoint left off.
     state = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "first_eval": None,
              "interval": {"loss": 0.0, "targets": 0}}
     if resume_from:
-        loaded = load_checkpoint(resume_from, model, optimizer)
+        loaded = load_checkpoint(resume_from, model, optimizer, world)
         stream.sampler.load_state_dict(loaded["sampler"])
         state.update({k: loaded[k] for k in state if k in loaded})
-        truncate_metrics(run_dir / "metrics.jsonl", state["step"])
+        if world.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", state["step"])
         restore_rng(loaded)  # last: nothing between here and the loop may draw random numbers
-    (run_dir / "config.yaml").write_text(config_yaml)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main)
     progress = ProgressReporter(total_steps, console, start_step=state["step"])
     evaluations: list[dict] = []
     summary = {"status": "running", "stage": cfg.stage.name, "task": resolve_task(cfg),
                "method": cfg.method.name, "model": cfg.model.path or cfg.model.name,
                "data": cfg.data.source, "parameters": total_params,
-               "trainable_parameters": trainable_params, "run_dir": str(run_dir)}
-    _write_summary(run_dir, summary)
+               "trainable_parameters": trainable_params, "world_size": world.world_size,
+               "run_dir": str(run_dir)}
+    _write_summary(run_dir, summary, world)
 
     def run_eval(step: int) -> None:
         if len(data.eval) == 0:
@@ -126,7 +153,7 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     def save(step: int) -> Path:
         return save_checkpoint(run_dir / "checkpoints", step, model, optimizer,
                                {**state, "sampler": stream.sampler.state_dict()}, config_yaml,
-                               cfg.run.keep_last)
+                               cfg.run.keep_last, world)
 
     # ---- train -------------------------------------------------------------------------
     try:
@@ -141,10 +168,14 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
                     group["lr"] = lr
                 micro_batches = [stream.next_batch() for _ in range(t.grad_accum)]
                 summed, step_targets = accumulate_gradients(model, micro_batches, data.task,
-                                                            device, amp_dtype)
+                                                            device, amp_dtype, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
-                # One host sync per step (not per micro-batch) to keep a NaN out of the weights.
-                step_loss, norm = summed.item(), float(grad_norm)
+                # One host sync per step (not per micro-batch) to keep a NaN out of the weights;
+                # the same collective tells every rank whether any of them was asked to stop.
+                step_loss, stop_votes = world.sum([summed.item(), float(bool(stop.received))],
+                                                  device)
+                norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                             else grad_norm)
                 loss = step_loss / step_targets
                 done = step + 1
                 if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -177,9 +208,10 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
                     run_eval(done)
                 if t.save_every and done % t.save_every == 0:
                     save(done)
-                if stop.received and done != total_steps:
+                if stop_votes and done != total_steps:
                     path = save(done)
-                    raise Preempted(f"stopped by {stop.received} at step {done}; checkpoint "
+                    raise Preempted(f"stopped by {stop.received or 'a signal to another rank'} at "
+                                    f"step {done}; checkpoint "
                                     f"saved to {path}. Run the same command with "
                                     f"run.dir={run_dir} to resume.")
     except (Preempted, TrainingFailed, KeyboardInterrupt) as err:
@@ -187,14 +219,14 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         metrics.close()
         status = "preempted" if isinstance(err, Preempted) else "failed"
         _write_summary(run_dir, {**summary, "status": status, "steps": state["step"],
-                                 "reason": str(err) or type(err).__name__})
+                                 "reason": str(err) or type(err).__name__}, world)
         raise
 
     # ---- finish ------------------------------------------------------------------------
     run_eval(total_steps)
     progress.close()
     metrics.close()
-    _save_final_atomically(model, data.tokenizer, run_dir / "final", cfg.method)
+    _save_final_atomically(model, data.tokenizer, run_dir / "final", cfg.method, world)
     wall = time.perf_counter() - started
     summary.update({
         "status": "finished", "steps": total_steps, "tokens": state["tokens_seen"],
@@ -205,7 +237,7 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
            if k.startswith("eval_")},
         "wall_s": wall, "tokens_per_s": state["tokens_seen"] / wall,
         "peak_memory_mb": peak_memory_mb(device)})
-    _write_summary(run_dir, summary)
+    _write_summary(run_dir, summary, world)
     console.print(_summary_table(summary))
     return summary
 
@@ -249,16 +281,38 @@ def _handle_nonfinite(t, state: dict, step: int, loss: float, norm: float, run_d
                          "train.on_nonfinite=skip skips such steps.")
 
 
-def _save_final_atomically(model, tokenizer, path: Path, method_cfg) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_final(model, tokenizer, tmp, method_cfg)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+def _on_main(world: World, make):
+    """Run `make` on rank 0 only and hand its result, or its UsageError, to every rank (so a
+    bad input stops all processes with the same message instead of leaving them waiting)."""
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = make()
+        except UsageError as err:
+            error = str(err)
+    result, error = world.broadcast((result, error)) if world.distributed else (result, error)
+    if error:
+        raise UsageError(error)
+    return result
 
 
-def _write_summary(run_dir: Path, summary: dict) -> None:
+def _save_final_atomically(model, tokenizer, path: Path, method_cfg, world: World) -> None:
+    """Rank 0 writes final/ under a temporary name and renames it; under FSDP the whole
+    weights are gathered first (a collective: every rank takes part)."""
+    state_dict = full_model_state(model) if world.distributed else None
+    if world.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_final(getattr(model, "module", model), tokenizer, tmp, method_cfg, state_dict)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    world.barrier()
+
+
+def _write_summary(run_dir: Path, summary: dict, world: World) -> None:
+    if not world.is_main:
+        return
     tmp = run_dir / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(run_dir / "summary.json")

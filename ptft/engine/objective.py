@@ -30,16 +30,25 @@ def loss_sum(model, batch: Batch, task: str) -> torch.Tensor:
 
 
 def accumulate_gradients(model, micro_batches: list[Batch], task: str, device: torch.device,
-                         amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, int]:
+                         amp_dtype: torch.dtype | None, world=None) -> tuple[torch.Tensor, int]:
     """Backward over one optimizer step's micro-batches. Each loss is divided by the targets
-    of the WHOLE step, so batch 8 x accum 1 and batch 2 x accum 4 give the same gradient even
-    when micro-batches hold different numbers of targets. Returns (summed loss, targets)."""
-    step_targets = sum(batch.num_targets for batch in micro_batches)
+    of the WHOLE step on ALL ranks, so batch 8 x accum 1, batch 2 x accum 4 and 2 ranks x
+    batch 4 give the same gradient even when micro-batches hold different numbers of targets.
+    Returns (this rank's summed loss, the step's targets over all ranks)."""
+    from ptft.engine.distributed import World, gradient_sync
+
+    world = world or World()
+    local_targets = sum(batch.num_targets for batch in micro_batches)
+    step_targets = int(world.sum([local_targets], device)[0])
+    # DDP and FSDP average gradients over ranks; multiplying by the world size makes that
+    # average a sum, so the result is the global-token-normalised gradient.
+    scale = world.world_size / step_targets
     total = torch.zeros((), device=device)
-    for batch in micro_batches:
-        with autocast(device, amp_dtype):
-            summed = loss_sum(model, batch.to(device), task)
-        (summed / step_targets).backward()
+    for i, batch in enumerate(micro_batches):
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):
+            with autocast(device, amp_dtype):
+                summed = loss_sum(model, batch.to(device), task)
+            (summed * scale).backward()
         total += summed.detach()
     return total, step_targets
 

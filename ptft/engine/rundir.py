@@ -9,11 +9,22 @@ from pathlib import Path
 from ptft.errors import UsageError
 
 
-def create_run_dir(explicit: str | None, root: str, stage: str) -> tuple[Path, bool]:
+def check_run_name(name: str) -> str:
+    """A run name is one plain path component: it cannot point outside run.root."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise UsageError(f"run.name={name!r} must be a plain name (letters, digits, '-', '_'), "
+                         "without '/', '..' or a leading '.'; use run.dir for a path.")
+    return name
+
+
+def create_run_dir(explicit: str | None, root: str, stage: str,
+                   name: str | None = None) -> tuple[Path, bool]:
     """`explicit` (run.dir) if given, else a new <root>/<stage>/<timestamp>[-N] folder; and
     whether it is new (so a run that fails while starting can remove it again).
 
     Fails early, before any work, when the location is not writable."""
+    if name and not explicit:
+        explicit = str(Path(root).expanduser() / stage / check_run_name(name))
     if explicit:
         path = Path(explicit).expanduser()
         new = not path.exists() or not any(path.iterdir())

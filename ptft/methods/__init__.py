@@ -21,6 +21,11 @@ def apply_method(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
     return _METHODS[cfg.name].apply(model, cfg, task)
 
 
-def save_final(model: torch.nn.Module, tokenizer, path: Path, cfg) -> None:
-    _METHODS[cfg.name].save_final(model, tokenizer, path)
+def save_final(model: torch.nn.Module, tokenizer, path: Path, cfg,
+               state_dict: dict | None = None) -> None:
+    """Write final/. `state_dict`: the gathered weights of a sharded (FSDP) model."""
+    if state_dict is not None and cfg.name == "full":
+        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    else:
+        _METHODS[cfg.name].save_final(model, tokenizer, path)
     tokenizer.save_pretrained(path)

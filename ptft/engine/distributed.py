@@ -1,0 +1,137 @@
+"""Several processes, one run: torch.distributed set up from torchrun's or SLURM's environment.
+
+A single process is the world_size=1 case of the same code: every helper here is a no-op
+then, so the executor has no second code path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 may tokenise a large corpus while the others wait: their wait must not trip the
+# default 10-30 minute collective timeout, so it happens in a group with a long one.
+PREPARATION_TIMEOUT = timedelta(hours=6)
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    _slow_group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def wait_for_main(self) -> None:
+        """A barrier with the long preparation timeout (for waiting on rank 0's data work)."""
+        if self.distributed:
+            dist.barrier(group=self._slow_group)
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum of `values` over all ranks (one collective for several numbers)."""
+        if not self.distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def broadcast(self, obj):
+        """Rank 0's value of `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        # The slow group: rank 0 may have been preparing data for a long time.
+        dist.broadcast_object_list(box, src=0, group=self._slow_group)
+        return box[0]
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.barrier()  # a rank leaving early can abort the others' last collective
+            dist.destroy_process_group()
+
+
+def _slurm_to_torchrun_env() -> None:
+    """Under `srun` (one task per process) SLURM names the ranks its own way: map them."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    if "SLURM_PROCID" not in os.environ or os.environ.get("SLURM_STEP_ID") is None:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init_world() -> World:
+    """Join the process group when launched by torchrun or srun; a World of one otherwise."""
+    _slurm_to_torchrun_env()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return World()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    slow = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
+    return World(rank, world_size, local_rank, backend, slow)
+
+
+def wrap_model(model: torch.nn.Module, world: World, strategy: str, device: torch.device,
+               amp_dtype: torch.dtype | None) -> torch.nn.Module:
+    """DDP (every rank holds the model, gradients are averaged) or FSDP2 (parameters,
+    gradients and optimizer state sharded per decoder layer). One process: unchanged."""
+    if not world.distributed:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                       else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world.world_size,))
+    # On GPUs, compute in bf16 but reduce gradients in fp32 (the usual FSDP2 recipe).
+    policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) \
+        if amp_dtype is not None and device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks (the longest ModuleList: model.layers, transformer.h, ...)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    import contextlib
+
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not enabled:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
