@@ -179,3 +179,19 @@ def test_nonfinite_skip_policy_is_bounded(tmp_path, cache_dir):
     assert result.returncode == 1 and "non-finite" in result.stderr
     metrics = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for r in metrics if r.get("nonfinite")) == 4  # three skipped, the fourth stops
+
+
+def test_sigkill_while_saving_every_step_leaves_a_loadable_checkpoint(uninterrupted, cache_dir):
+    """Saving every step, most of a step's time is spent saving: a SIGKILL then lands in a
+    save with high likelihood. Whatever it hit, the run resumes and ends exactly as it should."""
+    work = uninterrupted
+    args = [*RESUMABLE, "train.save_every=1", "run.dir=kill-in-save"]
+    process = start_ptft("pretrain", *args, cwd=work, cache=cache_dir)
+    wait_for_step(work / "kill-in-save", 9, process)
+    process.kill()
+    process.wait()
+    result = run_ptft("pretrain", *args, cwd=work, cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert rows(work / "kill-in-save") == rows(work / "straight")
+    assert not [p for p in (work / "kill-in-save" / "checkpoints").iterdir()
+                if p.name.startswith(".")]
