@@ -29,6 +29,7 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 
 def run_multirun(stage: str, overrides: list[str]) -> None:
+    _check_launcher(overrides)
     jobs = expand(overrides)
     for job in jobs:
         composing.compose(stage, [o for o in job])
@@ -49,6 +50,7 @@ def _job(cfg) -> dict:
     from ptft.engine.executor import execute
 
     console = Console()
+    requeue_with_submitit = _submitit_signal_to_ptft()
     try:
         composing.validate(cfg)
         run = composing.to_object(cfg)
@@ -59,9 +61,58 @@ def _job(cfg) -> dict:
         sys.exit(EXIT_USAGE)
     except Preempted as err:
         console.print(f"[red]stopped:[/] {escape(str(err))}", highlight=False)
+        requeue_with_submitit()  # the checkpoint is saved: now submitit may requeue the job
         sys.exit(EXIT_PREEMPTED)
+
+
+def _submitit_signal_to_ptft():
+    """Under Hydra's submitit launcher, submitit's handler for its signal (SIGUSR2: the time
+    limit is near, or a preemption) requeues the job and exits at once, mid-step, losing the
+    steps since the last checkpoint. Relay that signal to ptft's own stop request instead
+    (save at the next step boundary, then Preempted), and return what lets submitit requeue
+    afterwards. Outside submitit: nothing changes and the returned call does nothing."""
+    import signal
+
+    if "submitit" not in sys.modules:  # submitit's job runner imported it before this job
+        return lambda: None
+    from submitit.core.job_environment import JobEnvironment
+
+    sig = JobEnvironment._usr_sig()
+    submitit_handler = signal.getsignal(sig)
+    if type(getattr(submitit_handler, "__self__", None)).__module__.split(".")[0] != "submitit":
+        return lambda: None
+    fired = []
+
+    from ptft.engine.signals import StopRequests
+
+    def relay(signum, frame):
+        fired.append(signum)
+        ptft_handler = signal.getsignal(signal.SIGUSR1)
+        if isinstance(getattr(ptft_handler, "__self__", None), StopRequests):
+            ptft_handler(signal.SIGUSR1, frame)  # inside the training loop: save, then stop
+        else:
+            submitit_handler(signum, frame)  # setting up or finishing: nothing to save
+
+    signal.signal(sig, relay)
+    return lambda: submitit_handler(sig, None) if fired else None
 
 
 def _is_hydra_override(override: str) -> bool:
     key = override.lstrip("+~").split("=")[0]
     return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def _check_launcher(overrides: list[str]) -> None:
+    """hydra/launcher=submitit_* needs an optional plugin: say how to get it, up front."""
+    import importlib.util
+
+    for override in overrides:
+        if not override.startswith("hydra/launcher=submitit"):
+            continue
+        try:
+            found = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+        except ImportError:  # not even the hydra_plugins namespace
+            found = False
+        if not found:
+            raise UsageError(f"{override} needs Hydra's submitit launcher, which is not "
+                             "installed: pip install 'ptft[slurm]' (hydra-submitit-launcher).")

@@ -1,0 +1,197 @@
+"""Several processes, one run: real `torchrun` (gloo on CPU) against a single process.
+
+* DDP on 2 processes x batch 4 follows the same loss curve and ends with the same weights as
+  1 process x batch 8 (the loss is normalised by the global number of target tokens);
+  the same for LoRA fine-tuning.
+* FSDP2 on 2 processes trains; killed (SIGKILL, no handler runs) and resumed, it ends
+  bit-identical to an uninterrupted FSDP run.
+* SIGTERM to one rank stops every rank at the same step boundary, after a complete
+  checkpoint, each rank exiting 75. torchrun itself then exits 1 (any failed worker makes it
+  exit 1; its failure report lists each rank's own code: 75, or -15 for a rank it stopped with
+  SIGTERM on seeing the first 75). Under srun, whose exit status is the highest of its tasks',
+  the batch script sees 75 (tests/test_slurm.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY
+
+COMPARE = [*TINY, "train.max_steps=12", "train.log_every=1", "train.eval_batches=0"]
+SFT = ["data=docstrings", "data.max_documents=120", "data.eval_fraction=0.3",
+       "train.seq_len=384", "train.max_steps=8", "train.log_every=1", "train.eval_every=4",
+       "train.eval_batches=0", "train.warmup_steps=2", "method=lora", "method.dropout=0"]
+FSDP = [*TINY, "train.strategy=fsdp", "train.max_steps=40", "train.save_every=5",
+        "train.log_every=1", "train.eval_every=10"]
+
+
+def _env(cache: Path) -> dict:
+    return {**os.environ, "PTFT_CACHE_DIR": str(cache), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+
+
+def _command(nproc: int, args) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "ptft", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--standalone", "-m", "ptft", *args]
+
+
+def run(nproc: int, *args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run(_command(nproc, args), cwd=cwd, env=_env(cache), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def start(nproc: int, *args: str, cwd: Path, cache: Path) -> subprocess.Popen:
+    # A session of its own, so the test can signal torchrun's whole process group.
+    return subprocess.Popen(_command(nproc, args), cwd=cwd, env=_env(cache), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and f'"step": {step},' in metrics.read_text():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never came")
+
+
+def workers(torchrun_pid: int) -> list[int]:
+    """The rank processes torchrun started. Each runs in a session of its own (torchrun starts
+    them with start_new_session), so killing torchrun's group does not reach them."""
+    path = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children")
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+def rows(run_dir: Path) -> dict:
+    return {(r["kind"], r["step"]): r.get("loss", r.get("eval_loss"))
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_close_rows(a: Path, b: Path, rel: float = 1e-5) -> None:
+    ra, rb = rows(a), rows(b)
+    assert ra.keys() == rb.keys()
+    for key in ra:
+        assert ra[key] == pytest.approx(rb[key], rel=rel), key
+
+
+def assert_close_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+    import torch
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] == wb[name]).all(), f"{name} differs"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def single_pretrain(work, cache_dir) -> Path:
+    """1 process, batch 8: the reference for DDP, and the base model for LoRA."""
+    run(1, "pretrain", *COMPARE, "train.batch_size=8", "run.dir=single", cwd=work, cache=cache_dir)
+    return work / "single"
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(single_pretrain, work,
+                                                                         cache_dir):
+    result = run(2, "pretrain", *COMPARE, "train.batch_size=4", "train.strategy=ddp",
+                 "run.dir=ddp", cwd=work, cache=cache_dir)
+    assert "x 2 processes (ddp)" in result.stdout
+    summary = json.loads((work / "ddp" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["world_size"] == 2
+    assert_close_rows(work / "ddp", single_pretrain)
+    assert_close_weights(work / "ddp" / "final" / "model.safetensors",
+                         single_pretrain / "final" / "model.safetensors")
+
+
+def test_ddp_lora_matches_one_process(single_pretrain, work, cache_dir):
+    base = f"model.path={single_pretrain / 'final'}"
+    run(1, "finetune", *SFT, base, "train.batch_size=4", "run.dir=lora1", cwd=work,
+        cache=cache_dir)
+    result = run(2, "finetune", *SFT, base, "train.batch_size=2", "run.dir=lora2", cwd=work,
+                 cache=cache_dir)
+    assert "x 2 processes (ddp)" in result.stdout
+    assert_close_rows(work / "lora2", work / "lora1")
+    assert_close_weights(work / "lora2" / "final" / "adapter_model.safetensors",
+                         work / "lora1" / "final" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def fsdp_straight(work, cache_dir) -> Path:
+    result = run(2, "pretrain", *FSDP, "run.dir=fsdp-straight", cwd=work, cache=cache_dir)
+    assert "x 2 processes (fsdp)" in result.stdout
+    return work / "fsdp-straight"
+
+
+def test_fsdp_killed_and_resumed_is_bit_identical(fsdp_straight, work, cache_dir):
+    process = start(2, "pretrain", *FSDP, "run.dir=fsdp-killed", cwd=work, cache=cache_dir)
+    wait_for_step(work / "fsdp-killed", 17, process)
+    ranks = workers(process.pid)
+    assert len(ranks) == 2
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun's group...
+    for pid in ranks:  # ...and each rank's own session: nothing survives, nothing is flushed
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.communicate()
+    assert json.loads((work / "fsdp-killed" / "summary.json").read_text())["status"] == "running"
+    assert list((work / "fsdp-killed" / "checkpoints").glob("step-*/COMPLETE"))
+
+    result = run(2, "pretrain", *FSDP, "run.dir=fsdp-killed", cwd=work, cache=cache_dir)
+    assert "resuming from" in result.stdout
+    assert rows(work / "fsdp-killed") == rows(fsdp_straight)  # same losses, no duplicate steps
+    assert_same_weights(work / "fsdp-killed" / "final" / "model.safetensors",
+                        fsdp_straight / "final" / "model.safetensors")
+
+
+def test_sigterm_to_one_rank_saves_on_every_rank_and_exits_75(fsdp_straight, work, cache_dir):
+    process = start(2, "pretrain", *FSDP, "run.dir=fsdp-term", cwd=work, cache=cache_dir)
+    wait_for_step(work / "fsdp-term", 12, process)
+    ranks = workers(process.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[-1], signal.SIGTERM)  # one rank only: the stop flag is agreed across ranks
+    _, stderr = process.communicate(timeout=120)
+
+    # The ranks exit 75 and torchrun exits 1, listing each rank's code in its report: 75, or
+    # -15 for a rank still exiting when torchrun stopped it (SIGTERM) on seeing the first 75;
+    # the checkpoint is complete by then (the save ends with a barrier of all ranks).
+    assert process.returncode == 1, stderr[-3000:]
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)
+    assert "75" in codes and set(codes) <= {"75", "-15"}, stderr[-3000:]
+    summary = json.loads((work / "fsdp-term" / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["reason"].startswith("stopped by")
+    assert (work / "fsdp-term" / "checkpoints" / f"step-{summary['steps']:06d}" / "COMPLETE").exists()
+
+    result = run(2, "pretrain", *FSDP, "run.dir=fsdp-term", cwd=work, cache=cache_dir)
+    assert f"step-{summary['steps']:06d}" in result.stdout and "resuming from" in result.stdout
+    assert rows(work / "fsdp-term") == rows(fsdp_straight)
+    assert_same_weights(work / "fsdp-term" / "final" / "model.safetensors",
+                        fsdp_straight / "final" / "model.safetensors")
