@@ -409,7 +409,7 @@ def eval_config(target: Target, overrides: list[str]) -> RootConfig:
     stage. A `stage=` override chooses the stage (e.g. stage=pretrain data=python-docs)."""
     from omegaconf import OmegaConf
 
-    from ptft.config.compose import GROUPS, compose, to_object
+    from ptft.config.compose import GROUPS, check_stage, compose, to_object
 
     keys = [o.lstrip("+~").split("=")[0] for o in overrides]
     if "model.path" in keys:
@@ -419,7 +419,7 @@ def eval_config(target: Target, overrides: list[str]) -> RootConfig:
                  None)
     rest = [o for o in overrides if not o.startswith("stage=")]
     if target.run_dir is None:
-        cfg = compose(_stage(stage or "finetune"), [f"model.path={target.tokenizer_dir}", *rest])
+        cfg = compose(check_stage(stage or "finetune"), [f"model.path={target.tokenizer_dir}", *rest])
         return to_object(cfg)
 
     run = _load_run_yaml(target.run_dir)
@@ -429,7 +429,7 @@ def eval_config(target: Target, overrides: list[str]) -> RootConfig:
     chosen = {k for k in keys if k in GROUPS}
     run_choices = [f"{g}={v}" for g, v in (("method", run.method.name), ("data", run.data.source))
                    if g not in chosen]
-    composed = compose(_stage(stage or run.stage.name), [*run_choices, *rest])
+    composed = compose(check_stage(stage or run.stage.name), [*run_choices, *rest])
     # Start from the run's values; a group choice replaces its whole block, a key override
     # its key (with the value as composed: parsed and type-checked by Hydra and the schema).
     for key in dict.fromkeys(keys):
@@ -437,17 +437,6 @@ def eval_config(target: Target, overrides: list[str]) -> RootConfig:
     run.model.path = target.tokenizer_dir
     _validate_run_config(run, target.run_dir)
     return to_object(run)
-
-
-def _stage(stage: str) -> str:
-    from ptft.config.compose import group_options
-    from ptft.errors import did_you_mean
-
-    stages = group_options("stage")
-    if stage not in stages:
-        raise UsageError(f"unknown stage '{stage}'.{did_you_mean(stage, stages)} "
-                         f"Stages: {', '.join(stages)}.")
-    return stage
 
 
 def evaluate(target: Target, overrides: list[str]) -> dict:

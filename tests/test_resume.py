@@ -195,3 +195,21 @@ def test_sigkill_while_saving_every_step_leaves_a_loadable_checkpoint(uninterrup
     assert rows(work / "kill-in-save") == rows(work / "straight")
     assert not [p for p in (work / "kill-in-save" / "checkpoints").iterdir()
                 if p.name.startswith(".")]
+
+
+def test_keys_added_by_a_newer_ptft_do_not_block_resuming():
+    from omegaconf import OmegaConf
+
+    from ptft.config.compose import compose
+    from ptft.engine.resume import compare_configs
+    from ptft.errors import UsageError
+
+    current = OmegaConf.to_container(compose("pretrain", []), enum_to_str=True)
+    saved = json.loads(json.dumps(current))
+    del saved["run"]["loggers"], saved["train"]["max_nonfinite_skips"]  # an older checkpoint
+    assert compare_configs(saved, current) == []
+    current["train"]["max_nonfinite_skips"] = 99  # not the default: a real, safe change
+    assert compare_configs(saved, current) == ["train.max_nonfinite_skips: None -> 99"]
+    current["model"]["hidden_size"] = 7
+    with pytest.raises(UsageError, match="model.hidden_size"):
+        compare_configs(saved, current)

@@ -32,6 +32,15 @@ def config_dir() -> Path:
     return Path(str(resources.files("ptft.configs")))
 
 
+def check_stage(stage: str) -> str:
+    """`stage` if it names a stage option, else a UsageError with the closest one."""
+    stages = group_options("stage")
+    if stage not in stages:
+        raise UsageError(f"unknown stage '{stage}'.{did_you_mean(stage, stages)} "
+                         f"Stages: {', '.join(stages)}.")
+    return stage
+
+
 def group_options(group: str) -> list[str]:
     """The option names of a config group, e.g. ['llama-1b', 'llama-small', ...] for model."""
     return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))

@@ -21,7 +21,7 @@ SAFE_TO_CHANGE = {
     "train.max_steps", "train.epochs", "train.eval_every", "train.eval_batches",
     "train.save_every", "train.log_every", "train.max_nonfinite_skips", "train.on_nonfinite",
     "train.device", "train.precision", "run.resume", "run.keep_last", "run.dir", "run.root",
-    "data.cache_dir",
+    "run.name", "run.loggers", "data.cache_dir",
 }
 
 
@@ -53,6 +53,12 @@ def compare_configs(saved: dict, current: dict) -> list[str]:
     """The safe differences between a checkpoint's config and the current one; UsageError
     listing the unsafe ones."""
     old, new = _flatten(saved), _flatten(current)
+    # A key that did not exist when the checkpoint was written counts as unchanged while it
+    # holds its default: upgrading ptft must not make old runs unresumable.
+    defaults = _flatten(_schema_defaults(current))
+    for key in new.keys() - old.keys():
+        if key in defaults and new[key] == defaults[key]:
+            old[key] = new[key]
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     unsafe = [k for k in changed if k not in SAFE_TO_CHANGE]
     if unsafe:
@@ -60,6 +66,17 @@ def compare_configs(saved: dict, current: dict) -> list[str]:
         raise UsageError(f"cannot resume: the config differs from the checkpoint's in {lines}. "
                          "Use the original values, or start a new run (another run.dir).")
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if k != "run.resume"]
+
+
+def _schema_defaults(current: dict) -> dict:
+    """The schema's default values for the blocks of `current` (stage and method by name)."""
+    from omegaconf import OmegaConf
+
+    from ptft.config.compose import schema_tree
+
+    stub = OmegaConf.create({"stage": {"name": current["stage"]["name"]},
+                             "method": {"name": current["method"]["name"]}})
+    return OmegaConf.to_container(schema_tree(stub), enum_to_str=True)
 
 
 def checkpoint_config(path: Path) -> dict:
