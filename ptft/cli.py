@@ -73,10 +73,15 @@ def finetune(
 @app.command(help="Print the composed, resolved config for a stage (default: pretrain).\n\n"
                   "Examples:\n\n"
                   "  ptft config\n\n"
-                  "  ptft config pretrain model=llama-small train.lr=3e-4")
+                  "  ptft config pretrain model=llama-small train.lr=3e-4\n\n"
+                  "  ptft config finetune method=lora --sources")
 def config(
     stage: Optional[str] = typer.Argument(None, help="Stage: pretrain or finetune."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    sources: bool = typer.Option(False, "--sources",
+                                 help="Show each key's value and where it came from: the schema "
+                                      "default, a config file (e.g. configs/model/llama-tiny.yaml)"
+                                      " or the command line."),
 ) -> None:
     overrides = list(overrides or [])
     if stage and ("=" in stage or stage.startswith(("+", "~"))):
@@ -86,9 +91,90 @@ def config(
         from omegaconf import OmegaConf
         from rich.syntax import Syntax
 
-        from ptft.config.compose import compose
-        cfg = compose(_check_stage(stage or "pretrain"), overrides)
-        Console().print(Syntax(OmegaConf.to_yaml(cfg), "yaml", background_color="default"))
+        from ptft.config.compose import check_stage, compose
+        if sources:
+            from ptft.reports.sources import print_sources
+            print_sources(check_stage(stage or "pretrain"), overrides)
+            return
+        from ptft.errors import redact_secrets
+
+        cfg = compose(check_stage(stage or "pretrain"), overrides)
+        text = OmegaConf.to_yaml(redact_secrets(OmegaConf.to_container(cfg)))
+        Console().print(Syntax(text, "yaml", background_color="default"))
+
+
+@app.command(help="List the runs under ROOT (default runs/), newest first.\n\n"
+                  "Columns: stage, method, model, data, steps, final train/eval loss, "
+                  "perplexity or accuracy, tokens/s, trainable parameters, wall time and "
+                  "status (finished, running, preempted, failed). 'updated' is the age of the "
+                  "newest metrics row: a run still marked running whose process died stops "
+                  "updating it.\n\n"
+                  "Examples:\n\n"
+                  "  ptft runs\n\n"
+                  "  ptft runs --stage finetune --method lora\n\n"
+                  "  ptft runs /scratch/me/runs --json")
+def runs(
+    root: str = typer.Argument("runs", help="The folder searched for run directories."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Only runs of this stage."),
+    method: Optional[str] = typer.Option(None, "--method", help="Only runs of this method."),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs as a JSON list."),
+) -> None:
+    with _usage_errors():
+        from ptft.reports.runs import show_runs
+        show_runs(root, stage, method, as_json)
+
+
+@app.command(help="Plot train and eval loss of one or more runs against the step or the tokens "
+                  "seen, to a PNG, and print its path.\n\n"
+                  "The PNG needs matplotlib (pip install 'ptft\\[plot]'); --terminal draws "
+                  "sparklines instead.\n\n"
+                  "Examples:\n\n"
+                  "  ptft plot runs/pretrain/20261129-035156\n\n"
+                  "  ptft plot finetune/lora finetune/adapter --x tokens -o lora-vs-adapter.png\n\n"
+                  "  ptft plot runs/pretrain/20261129-035156 --terminal")
+def plot(
+    run_dirs: List[str] = typer.Argument(..., metavar="RUN...",
+                                         help="Run directories, or their names under runs/ as "
+                                              "`ptft runs` shows them."),
+    x: str = typer.Option("step", "--x", help="The x axis: step or tokens."),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="The PNG to write. Default: RUN/loss.png for one "
+                                              "run, ./loss.png for several."),
+    terminal: bool = typer.Option(False, "--terminal",
+                                  help="Draw sparklines in the terminal; write no file."),
+) -> None:
+    with _usage_errors():
+        from ptft.reports.plot import plot_runs
+        path = plot_runs(run_dirs, x, output, terminal)
+        if path is not None:
+            print(path)
+
+
+@app.command(help="Compare fine-tuning methods (full, LoRA, adapters) in a report and a chart."
+                  "\n\nWith run directories, compare those runs; with none, first fine-tune the "
+                  "same base on the same data once per method (full, LoRA, adapters; overrides "
+                  "apply to all). Writes report.md (trainable "
+                  "parameters, peak memory, time, tokens/s, eval loss, checkpoint size) and "
+                  "loss.png to the output folder.\n\n"
+                  "Examples:\n\n"
+                  "  ptft compare\n\n"
+                  "  ptft compare train.max_steps=100 data.max_documents=2000\n\n"
+                  "  ptft compare --methods lora,adapter,ia3 --output reports/peft\n\n"
+                  "  ptft compare runs/finetune/full-run runs/finetune/lora-run")
+def compare(
+    arguments: Optional[List[str]] = typer.Argument(
+        None, metavar="[RUN_DIR...] [OVERRIDES...]",
+        help="Run directories to compare, or overrides for the new runs (e.g. "
+             "model.path=DIR train.max_steps=100)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o",
+                                         help="Folder for report.md, loss.png and new runs. "
+                                              "Default: runs/compare/<timestamp>/."),
+    methods: str = typer.Option("full,lora,adapter", "--methods",
+                                help="Methods to fine-tune when no run directories are given."),
+) -> None:
+    with _usage_errors():
+        from ptft.reports.compare import compare as compare_methods
+        compare_methods(list(arguments or []), output, methods)
 
 
 TARGET_HELP = "A run directory (its final/ model is used) or a model directory."
@@ -196,6 +282,41 @@ def eval_(
         Console(soft_wrap=True).print(table)
 
 
+@app.command(help="Write a SLURM batch script for a run (runs/<stage>/<name>.sbatch) and submit "
+                  "it with sbatch: one srun task per GPU on every node, SIGUSR1 120 s before the "
+                  "time limit saves a checkpoint, and the job requeues itself and resumes in the "
+                  "same run directory. The overrides are checked before anything is written.\n\n"
+                  "Examples:\n\n"
+                  "  ptft submit --gpus-per-node 8 --time 24:00:00 model=llama-small\n\n"
+                  "  ptft submit --nodes 4 --gpus-per-node 8 model=llama-1b train.strategy=fsdp\n\n"
+                  "  ptft submit --stage finetune --partition gpu method=lora\n\n"
+                  "  ptft submit --gpus-per-node 0 --tasks-per-node 4 --dry-run")
+def submit(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    stage: str = typer.Option("pretrain", "--stage", help="pretrain or finetune."),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes."),
+    gpus_per_node: int = typer.Option(1, "--gpus-per-node",
+                                      help="GPUs per node, one process each (0: CPU-only nodes)."),
+    tasks_per_node: Optional[int] = typer.Option(
+        None, "--tasks-per-node", help="Processes per node on CPU-only nodes (default 1)."),
+    cpus_per_task: Optional[int] = typer.Option(None, "--cpus-per-task", help="CPUs per process."),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="Time limit, HH:MM:SS."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="SLURM partition."),
+    sbatch_args: Optional[List[str]] = typer.Option(
+        None, "--sbatch-arg", help="Another #SBATCH option, e.g. --sbatch-arg=--account=abc."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the script; write and submit "
+                                                          "nothing."),
+) -> None:
+    with _usage_errors():
+        from ptft.submit import Resources
+        from ptft.submit import submit as submit_job
+
+        submit_job(stage, list(overrides or []), Resources(
+            nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+            cpus_per_task=cpus_per_task, time=time_limit, partition=partition,
+            extra=list(sbatch_args or [])), dry_run=dry_run)
+
+
 def _train(stage: str, overrides: list[str], multirun: bool) -> None:
     with _usage_errors():
         if multirun:
@@ -206,17 +327,6 @@ def _train(stage: str, overrides: list[str], multirun: bool) -> None:
         run = to_object(compose(stage, overrides))
         from ptft.engine.executor import execute
         execute(run)
-
-
-def _check_stage(stage: str) -> str:
-    from ptft.config.compose import group_options
-    from ptft.errors import did_you_mean
-
-    stages = group_options("stage")
-    if stage not in stages:
-        raise UsageError(f"unknown stage '{stage}'.{did_you_mean(stage, stages)} "
-                         f"Stages: {', '.join(stages)}.")
-    return stage
 
 
 class _usage_errors:

@@ -283,6 +283,19 @@ class TrainConfig:
     """What a NaN/inf loss or gradient norm does (see OnNonFinite)."""
     max_nonfinite_skips: int = 10
     """With on_nonfinite=skip, stop after this many skipped steps."""
+    compile: bool = False
+    """torch.compile the model (in place, so checkpoints keep their names). Off by default: on
+    CPUs it measured no faster and costs tens of seconds of compilation at start; try it on
+    GPUs for long runs."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them: much
+    less memory for about a third more compute (transformers models; works with LoRA and
+    adapters)."""
+    chunked_loss: bool = False
+    """Compute the language-modelling loss from the last hidden states a chunk of rows at a
+    time, recomputing each chunk's logits in backward, so the full (tokens x vocab) fp32
+    logits are never held at once: for large vocabularies. Same numbers; the output
+    projection runs twice (on CPUs the cache-sized chunks still measured faster)."""
 
 
 @dataclass
@@ -300,6 +313,10 @@ class RunConfig:
     keep_last: Optional[int] = None
     """Keep only the newest K checkpoints (older ones are deleted after a successful save).
     null: keep all."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go: jsonl (metrics.jsonl, always written) and optionally tensorboard
+    (event files in <run dir>/tensorboard/; pip install 'ptft[tensorboard]'),
+    e.g. run.loggers=[jsonl,tensorboard]. See ptft/engine/metrics.py."""
 
 
 @dataclass

@@ -27,7 +27,8 @@ from ptft.data.prepare import prepare_data, resolve_task
 from ptft.engine.checkpoint import full_model_state, load_checkpoint, restore_rng, save_checkpoint
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
-from ptft.engine.metrics import MetricsLog
+from ptft.engine.flops import TrainingMeter, device_peak_flops, training_flops
+from ptft.engine.metrics import MetricsLog, check_loggers
 from ptft.engine.objective import accumulate_gradients, evaluate
 from ptft.engine.optim import build_optimizer, lr_at
 from ptft.engine.progress import ProgressReporter
@@ -66,6 +67,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
     config_yaml = OmegaConf.to_yaml(redact_secrets(OmegaConf.to_container(
         OmegaConf.structured(cfg), enum_to_str=True)))
     try:
+        check_loggers(cfg.run.loggers)  # a missing optional package fails before any work
         resume_from = _on_main(world, lambda: find_checkpoint(cfg.run.resume, run_dir))
         if resume_from:
             changes = compare_configs(checkpoint_config(resume_from), OmegaConf.to_container(
@@ -90,8 +92,15 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         if world.distributed and t.strategy == Strategy.fsdp and cfg.method.name != "full":
             raise UsageError("train.strategy=fsdp shards whole models: use it with method=full, "
                              f"or train method={cfg.method.name} with train.strategy=ddp.")
+        _activation_checkpointing(model, t.activation_checkpointing)
+        flops = training_flops(model, t.seq_len)
         model = wrap_model(model, world, t.strategy.value, device, amp_dtype)
+        if t.compile:  # in place: parameter and checkpoint names stay as they are
+            model.compile()
         optimizer = build_optimizer(model, t, device)
+        # The device's peak FLOP/s for MFU (on a CPU measured once, < 2 s, then cached).
+        peak = device_peak_flops(device, amp_dtype, cfg.data.cache_dir) if world.is_main \
+            else None
     except BaseException:
         if new_dir:  # nothing of this run is worth keeping: leave no half-made directory
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -126,7 +135,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         restore_rng(loaded)  # last: nothing between here and the loop may draw random numbers
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main,
+                         loggers=cfg.run.loggers)
     progress = ProgressReporter(total_steps, console, start_step=state["step"])
     evaluations: list[dict] = []
     summary = {"status": "running", "stage": cfg.stage.name, "task": resolve_task(cfg),
@@ -161,14 +171,16 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
             if state["step"] == 0:
                 run_eval(0)
             model.train()
-            last_row, interval_start = None, time.perf_counter()
+            last_row, meter = None, TrainingMeter(flops, peak, started)
             for step in range(state["step"], total_steps):
+                meter.begin_step()
                 lr = lr_at(step, t, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro_batches = [stream.next_batch() for _ in range(t.grad_accum)]
                 summed, step_targets = accumulate_gradients(model, micro_batches, data.task,
-                                                            device, amp_dtype, world)
+                                                            device, amp_dtype, world,
+                                                            chunked=t.chunked_loss)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
                 # One host sync per step (not per micro-batch) to keep a NaN out of the weights;
                 # the same collective tells every rank whether any of them was asked to stop.
@@ -188,22 +200,24 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     state["interval"]["loss"] += step_loss
                     state["interval"]["targets"] += step_targets
+                meter.end_step(micro_batches)
                 state["tokens_seen"] += step_targets
                 state["step"] = done
                 progress.step(done)
 
                 if (done % t.log_every == 0 or done == total_steps) and state["interval"]["targets"]:
-                    now = time.perf_counter()
                     interval = state["interval"]
+                    # Throughput of the steps themselves: evaluations and checkpoints excluded.
+                    seconds, interval_mfu = meter.take_interval()
                     last_row = {"kind": "train", "step": done,
                                 "loss": interval["loss"] / interval["targets"], "lr": lr,
                                 "grad_norm": norm, "tokens": state["tokens_seen"],
-                                "tokens_per_s": interval["targets"] / (now - interval_start),
-                                "elapsed_s": now - started}
+                                "tokens_per_s": interval["targets"] / seconds,
+                                "mfu": interval_mfu,
+                                "elapsed_s": time.perf_counter() - started}
                     metrics.write(last_row)
                     progress.log(last_row)
                     state["interval"] = {"loss": 0.0, "targets": 0}
-                    interval_start = now
                 if done % t.eval_every == 0 and done != total_steps:
                     run_eval(done)
                 if t.save_every and done % t.save_every == 0:
@@ -236,6 +250,9 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         **{k: v for k, v in (evaluations[-1] if evaluations else {}).items()
            if k.startswith("eval_")},
         "wall_s": wall, "tokens_per_s": state["tokens_seen"] / wall,
+        "mfu": meter.mfu,
+        "time_to_first_step_s": meter.first_step_s,
+        "flops_per_token": flops.per_block_token, "peak_flops": peak,
         "peak_memory_mb": peak_memory_mb(device)})
     _write_summary(run_dir, summary, world)
     console.print(_summary_table(summary))
@@ -256,6 +273,22 @@ def _model(cfg: RootConfig, data):
         raise UsageError(f"train.seq_len={cfg.train.seq_len} exceeds the model's "
                          f"max_position_embeddings={max_positions}; lower train.seq_len.")
     return model
+
+
+def _activation_checkpointing(model, enabled: bool) -> None:
+    """train.activation_checkpointing: recompute each decoder layer in backward (the
+    transformers implementation, non-reentrant, so frozen inputs under LoRA/adapters work)."""
+    if not enabled:
+        return
+    from ptft.engine.flops import unwrap_model
+    base = unwrap_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UsageError(f"train.activation_checkpointing=true: {type(base).__name__} does not "
+                         "support activation checkpointing; set it to false.")
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check_data_sizes(data, seq_len: int, console: Console) -> None:
@@ -359,7 +392,9 @@ def _summary_table(summary: dict) -> Table:
     fmt = {"train_loss": "{:.4f}", "eval_loss": "{:.4f}", "first_eval_loss": "{:.4f}",
            "eval_ppl": "{:.2f}", "eval_accuracy": "{:.3f}", "wall_s": "{:.1f}",
            "peak_memory_mb": "{:,.0f}", "tokens_per_s": "{:,.0f}", "parameters": "{:,}",
-           "trainable_parameters": "{:,}", "tokens": "{:,}"}
+           "trainable_parameters": "{:,}", "tokens": "{:,}", "mfu": "{:.3f}",
+           "time_to_first_step_s": "{:.1f}", "flops_per_token": "{:.4g}",
+           "peak_flops": "{:.4g}"}
     for key, value in summary.items():
         text = fmt.get(key, "{}").format(value) if value is not None else "-"
         table.add_row(key, text)

@@ -3,14 +3,24 @@ number of targets of a whole step, and evaluation figures (loss, perplexity, acc
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ptft.data.batches import IGNORE_INDEX, Batch
 from ptft.engine.device import autocast
+from ptft.engine.flops import unwrap_model
+from ptft.errors import UsageError
+
+# fp32 logits computed at once by the chunked loss: on GPUs 256 MiB, large enough to keep the
+# matmuls efficient; on CPUs 8 MiB, which stays in cache (measured faster than whole logits).
+CHUNK_LOGIT_BYTES = {"cpu": 2**23}
+CHUNK_LOGIT_BYTES_DEFAULT = 2**28
 
 
 def _logits_and_loss(model, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,19 +28,137 @@ def _logits_and_loss(model, batch: Batch, task: str) -> tuple[torch.Tensor, torc
     if task == "classification":
         return logits, F.cross_entropy(logits, batch.labels, reduction="sum")
     # Methods that prepend virtual tokens (prompt tuning) return longer logits: the
-    # predictions for the real tokens are the last ones.
-    logits = logits[:, -batch.labels.shape[1]:]
+    # predictions for the real tokens are the last ones. (Only then: even a slice that keeps
+    # everything costs a zero-filled copy of the logits' gradient in backward.)
+    if logits.shape[1] != batch.labels.shape[1]:
+        logits = logits[:, -batch.labels.shape[1]:]
     return logits, F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def loss_sum(model, batch: Batch, task: str) -> torch.Tensor:
-    """Cross-entropy summed over the batch's targets (next tokens, or one label per example)."""
-    return _logits_and_loss(model, batch, task)[1]
+def loss_sum(model, batch: Batch, task: str, device: torch.device | None = None,
+             chunked: bool = False) -> torch.Tensor:
+    """Cross-entropy summed over the batch's targets (next tokens, or one label per example).
+    `batch` may still be on the CPU (it is moved to `device`): which positions carry a target
+    is then read there, without waiting for the device.
+
+    Language modelling computes logits only where a loss reads them: a batch with positions
+    that carry no target (masked prompts, padding) asks the model for the target positions'
+    logits only (transformers' logits_to_keep), which skips most of the output projection on
+    SFT data. `chunked` goes further for large vocabularies: the loss is computed from the
+    final hidden states a chunk of rows at a time, and each chunk's logits are recomputed in
+    backward, so the full (tokens x vocab) fp32 logits never exist at once."""
+    if task == "classification":
+        return _logits_and_loss(model, batch.to(device) if device else batch, task)[1]
+    keep = _target_positions(model, batch)
+    if device is not None:
+        batch = batch.to(device)
+    if chunked:
+        return _chunked_lm_loss(model, batch, keep)
+    if keep is None:
+        return _logits_and_loss(model, batch, task)[1]
+    logits = model(**batch.inputs, logits_to_keep=keep).logits.float()
+    if logits.dim() != 2 or logits.shape[0] != batch.num_targets:
+        raise RuntimeError(f"{type(model).__name__} returned logits of shape "
+                           f"{tuple(logits.shape)} for logits_to_keep: expected "
+                           f"({batch.num_targets}, vocab)")
+    # A CPU mask indexes a device tensor without a device sync (the positions are known here).
+    return F.cross_entropy(logits, batch.labels[keep], reduction="sum")
+
+
+def _target_positions(model, batch: Batch) -> torch.Tensor | None:
+    """The (B, T) bool mask of positions that carry a target, on the CPU, when the model can
+    compute logits for just those and some positions carry none; else None (all logits)."""
+    labels = batch.labels
+    if labels.dim() != 2 or batch.num_targets == labels.numel():
+        return None
+    if _is_prompt_learning(model) or not _supports_logits_to_keep(type(unwrap_model(model))):
+        return None
+    return (labels != IGNORE_INDEX).cpu()
+
+
+def _chunked_lm_loss(model, batch: Batch, keep: torch.Tensor | None) -> torch.Tensor:
+    """Summed next-token cross-entropy from the last hidden states, a chunk of rows at a time.
+    The model computes no logits (logits_to_keep=[]); each chunk's logits are recomputed in
+    backward (activation checkpointing of the projection + loss), so peak memory holds one
+    chunk's logits instead of all of them."""
+    head = _output_projection(model)
+    if type(head.weight).__name__ == "DTensor":
+        raise UsageError("train.chunked_loss=true does not work with train.strategy=fsdp (the "
+                         "output projection is sharded): use train.strategy=ddp or "
+                         "train.chunked_loss=false.")
+    empty = torch.zeros(0, dtype=torch.long)
+    out = model(**batch.inputs, logits_to_keep=empty, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -batch.labels.shape[1]:]  # after the final norm
+    hidden, labels = hidden.flatten(0, 1), batch.labels.flatten()
+    if keep is not None:
+        index = keep.flatten().nonzero().squeeze(1).to(hidden.device)
+        hidden, labels = hidden.index_select(0, index), labels.index_select(0, index)
+    chunk_bytes = CHUNK_LOGIT_BYTES.get(hidden.device.type, CHUNK_LOGIT_BYTES_DEFAULT)
+    rows = max(1, chunk_bytes // (4 * head.out_features))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        h, y = hidden[start:start + rows], labels[start:start + rows]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_projected_loss, h, head.weight, head.bias, y,
+                                       use_reentrant=False)
+        else:
+            total = total + _projected_loss(h, head.weight, head.bias, y)
+    return total
+
+
+def _projected_loss(hidden, weight, bias, labels) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()  # fp32 softmax, as in the plain path
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _output_projection(model) -> torch.nn.Linear:
+    """The lm_head, checked to be a plain projection the chunked loss can apply itself."""
+    base = unwrap_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    scaled = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    if type(head) is not torch.nn.Linear or scaled or \
+            not _supports_logits_to_keep(type(base)):
+        raise UsageError(f"train.chunked_loss=true needs a causal LM whose logits are a plain "
+                         f"linear projection of its last hidden states; "
+                         f"{type(base).__name__} is not one (an adapted or scaled lm_head, or "
+                         f"no logits_to_keep). Set train.chunked_loss=false.")
+    return head
+
+
+def _is_prompt_learning(model) -> bool:
+    """peft prompt tuning: the model prepends virtual tokens, so its positions do not line up
+    with the labels."""
+    while hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    model = getattr(model, "_orig_mod", model)
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_logits_to_keep(model_class: type) -> bool:
+    """Models of transformers itself that slice their hidden states with its
+    slice_logits_to_keep, in a version where a (B, T) bool mask selects positions. Remote code
+    might read the argument otherwise, so it gets full logits."""
+    import sys
+
+    module = sys.modules.get(model_class.__module__)
+    slicer = getattr(module, "slice_logits_to_keep", None)
+    if not model_class.__module__.startswith("transformers.") or slicer is None or \
+            "logits_to_keep" not in inspect.signature(model_class.forward).parameters:
+        return False
+    try:
+        kept = slicer(torch.zeros(1, 2, 1), torch.tensor([[False, True]]))
+    except Exception:  # an older transformers: integers and 1-D positions only
+        return False
+    return tuple(kept.shape) == (1, 1)
 
 
 def accumulate_gradients(model, micro_batches: list[Batch], task: str, device: torch.device,
-                         amp_dtype: torch.dtype | None, world=None) -> tuple[torch.Tensor, int]:
+                         amp_dtype: torch.dtype | None, world=None,
+                         chunked: bool = False) -> tuple[torch.Tensor, int]:
     """Backward over one optimizer step's micro-batches. Each loss is divided by the targets
     of the WHOLE step on ALL ranks, so batch 8 x accum 1, batch 2 x accum 4 and 2 ranks x
     batch 4 give the same gradient even when micro-batches hold different numbers of targets.
@@ -47,7 +175,7 @@ def accumulate_gradients(model, micro_batches: list[Batch], task: str, device: t
     for i, batch in enumerate(micro_batches):
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with autocast(device, amp_dtype):
-                summed = loss_sum(model, batch.to(device), task)
+                summed = loss_sum(model, batch, task, device, chunked)
             (summed * scale).backward()
         total += summed.detach()
     return total, step_targets
@@ -60,12 +188,14 @@ def evaluate(model, batches: Iterable[Batch], task: str, device: torch.device) -
     total, targets = torch.zeros((), device=device), 0
     correct = torch.zeros((), device=device, dtype=torch.long)
     for batch in batches:
-        batch = batch.to(device)
-        logits, summed = _logits_and_loss(model, batch, task)
+        if task == "classification":
+            batch = batch.to(device)
+            logits, summed = _logits_and_loss(model, batch, task)
+            correct += (logits.argmax(-1) == batch.labels).sum()
+        else:
+            summed = loss_sum(model, batch, task, device)
         total += summed
         targets += batch.num_targets
-        if task == "classification":
-            correct += (logits.argmax(-1) == batch.labels).sum()
     loss = total.item() / max(targets, 1)
     result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
     if task == "classification":

@@ -1,0 +1,52 @@
+"""scripts/bench.py: a smoke run of the harness (both sides, table, JSON) and its comparison."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("ptft_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_prints_the_table_and_writes_both_sides(tmp_path, cache_dir):
+    output = tmp_path / "results.json"
+    env = {**os.environ, "PTFT_CACHE_DIR": str(cache_dir), "PTFT_PEAK_FLOPS": "1e11"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--threads", "1",
+                           "--workdir", str(tmp_path / "work"), "--output", str(output)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| workload | side | target tok/s | total tok/s | ptft/Trainer |" in proc.stdout
+    assert "| pretrain-tiny | ptft |" in proc.stdout
+    assert "| pretrain-tiny | trainer |" in proc.stdout
+    results = json.loads(output.read_text())
+    runs = {r["side"]: r for r in results["runs"]}
+    assert set(runs) == {"ptft", "trainer"} and all(r["ok"] for r in runs.values())
+    for run in runs.values():
+        assert run["target_tokens_per_s"] > 0 and run["peak_memory_mb"] > 0
+        assert 0 < run["mfu"] < 1  # against the 1e11 FLOP/s peak given above
+        assert run["padding"] == 0  # pre-training blocks: no padding on either side
+    ptft_row = next(r for r in results["rows"] if r["side"] == "ptft")
+    assert ptft_row["ratio"] > 0 and results["meta"]["peak_flops"] == 1e11
+
+
+def test_compare_prints_the_change():
+    bench = _bench_module()
+    row = {"workload": "sft", "side": "ptft", "target_tokens_per_s": 100.0, "mfu": 0.5}
+    text = bench._comparison({"rows": [row]}, {"rows": [{**row, "target_tokens_per_s": 150.0}]})
+    assert "| sft | ptft | 100 | 150 | +50.0% | 0.50 | 0.50 |" in text
+
+
+def test_unknown_workload_is_a_usage_error(capsys):
+    assert _bench_module().main(["--workloads", "pretrain-huge"]) == 2
+    assert "unknown workload" in capsys.readouterr().err
