@@ -6,7 +6,6 @@ torch and transformers are imported inside the commands that train, so `ptft --h
 
 from __future__ import annotations
 
-import sys
 from typing import List, Optional
 
 import typer

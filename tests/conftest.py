@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 # A 2-layer, hidden-size-32 Llama on 32-token blocks: trains in seconds on a CPU.
 TINY_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
@@ -39,3 +42,28 @@ def run_ptft(*args: str, cwd: Path, cache: Path, timeout: int = 300, module: boo
 def _ptft_executable() -> str:
     script = Path(sys.executable).parent / "ptft"
     return str(script) if script.exists() else "ptft"
+
+
+# Shared by the tests that interrupt and resume runs.
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until metrics.jsonl shows `step` (the run is mid-training)."""
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and f'"step": {step},' in metrics.read_text():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never came")
+
+
+def rows(run_dir: Path) -> dict:
+    return {(r["kind"], r["step"]): r.get("loss", r.get("eval_loss"))
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] == wb[name]).all(), f"{name} differs"

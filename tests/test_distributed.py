@@ -20,13 +20,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TINY, assert_same_weights, rows, wait_for_step
 
 COMPARE = [*TINY, "train.max_steps=12", "train.log_every=1", "train.eval_batches=0"]
 SFT = ["data=docstrings", "data.max_documents=120", "data.eval_fraction=0.3",
@@ -61,27 +60,11 @@ def start(nproc: int, *args: str, cwd: Path, cache: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and f'"step": {step},' in metrics.read_text():
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} never came")
-
-
 def workers(torchrun_pid: int) -> list[int]:
     """The rank processes torchrun started. Each runs in a session of its own (torchrun starts
     them with start_new_session), so killing torchrun's group does not reach them."""
     path = Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children")
     return [int(pid) for pid in path.read_text().split()] if path.exists() else []
-
-
-def rows(run_dir: Path) -> dict:
-    return {(r["kind"], r["step"]): r.get("loss", r.get("eval_loss"))
-            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 def assert_close_rows(a: Path, b: Path, rel: float = 1e-5) -> None:
@@ -98,13 +81,6 @@ def assert_close_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert (wa[name] == wb[name]).all(), f"{name} differs"
 
 
 @pytest.fixture(scope="module")

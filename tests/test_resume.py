@@ -7,14 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY, run_ptft, _ptft_executable
+from conftest import TINY, _ptft_executable, assert_same_weights, rows, run_ptft, wait_for_step
 
 # Long enough to be interrupted; a checkpoint every 5 steps, a metrics row every step.
 RESUMABLE = [*TINY, "train.max_steps=40", "train.save_every=5", "train.log_every=1",
@@ -25,30 +23,6 @@ def start_ptft(*args: str, cwd: Path, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "PTFT_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "2"}
     return subprocess.Popen([_ptft_executable(), *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Block until metrics.jsonl shows `step` (the run is mid-training)."""
-    deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and f'"step": {step},' in metrics.read_text():
-            return
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} never came")
-
-
-def rows(run_dir: Path) -> dict:
-    return {(r["kind"], r["step"]): r.get("loss", r.get("eval_loss"))
-            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert (wa[name] == wb[name]).all(), f"{name} differs"
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import ast
 import re
 import sysconfig
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pytest
