@@ -26,9 +26,10 @@ def test_smoke_run_prints_the_table_and_writes_both_sides(tmp_path, cache_dir):
                            "--workdir", str(tmp_path / "work"), "--output", str(output)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "| workload | side | target tok/s | total tok/s | ptft/Trainer |" in proc.stdout
-    assert "| pretrain-tiny | ptft |" in proc.stdout
-    assert "| pretrain-tiny | trainer |" in proc.stdout
+    assert "| workload | precision | side | target tok/s | total tok/s | ptft/Trainer |" \
+        in proc.stdout
+    assert "| pretrain-tiny | fp32 | ptft |" in proc.stdout
+    assert "| pretrain-tiny | fp32 | trainer |" in proc.stdout
     results = json.loads(output.read_text())
     runs = {r["side"]: r for r in results["runs"]}
     assert set(runs) == {"ptft", "trainer"} and all(r["ok"] for r in runs.values())
@@ -37,14 +38,37 @@ def test_smoke_run_prints_the_table_and_writes_both_sides(tmp_path, cache_dir):
         assert 0 < run["mfu"] < 1  # against the 1e11 FLOP/s peak given above
         assert run["padding"] == 0  # pre-training blocks: no padding on either side
     ptft_row = next(r for r in results["rows"] if r["side"] == "ptft")
-    assert ptft_row["ratio"] > 0 and results["meta"]["peak_flops"] == 1e11
+    assert ptft_row["ratio"] > 0 and results["meta"]["peak_flops"] == {"fp32": 1e11}
 
 
 def test_compare_prints_the_change():
     bench = _bench_module()
     row = {"workload": "sft", "side": "ptft", "target_tokens_per_s": 100.0, "mfu": 0.5}
-    text = bench._comparison({"rows": [row]}, {"rows": [{**row, "target_tokens_per_s": 150.0}]})
-    assert "| sft | ptft | 100 | 150 | +50.0% | 0.50 | 0.50 |" in text
+    after = {**row, "precision": "fp32", "target_tokens_per_s": 150.0}
+    # a file from before the precision column counts as fp32
+    text = bench.comparison({"rows": [row]}, {"rows": [after]})
+    assert "| sft | fp32 | ptft | 100 | 150 | +50.0% | 0.50 | 0.50 |" in text
+
+
+def test_summary_has_the_ratios_against_the_trainer_full_fine_tuning_and_fp32():
+    bench = _bench_module()
+    runs = [{"ok": True, "workload": w, "precision": p, "side": side, "seconds": seconds,
+             "steps": 1, "target_tokens_per_s": 1000 / seconds, "peak_memory_mb": memory}
+            for w, p, side, seconds, memory in [
+                ("sft", "fp32", "ptft", 2.0, 100), ("sft", "fp32", "trainer", 8.0, 300),
+                ("lora", "fp32", "ptft", 1.0, 80), ("sft", "bf16", "ptft", 1.0, 90)]]
+    rows = {(r["workload"], r["precision"], r["side"]): r
+            for r in bench.summarise(runs, ["sft", "lora"], ["fp32", "bf16"])}
+    assert rows["sft", "fp32", "ptft"]["ratio"] == 4.0
+    assert rows["lora", "fp32", "ptft"]["step_vs_full"] == 0.5
+    assert rows["lora", "fp32", "ptft"]["memory_vs_full"] == 0.8
+    assert rows["sft", "bf16", "ptft"]["vs_fp32"] == 2.0
+    assert "ratio" not in rows["sft", "bf16", "ptft"]  # no Trainer run at bf16
+
+
+def test_unknown_precision_is_a_usage_error(capsys):
+    assert _bench_module().main(["--precision", "fp8"]) == 2
+    assert "--precision" in capsys.readouterr().err
 
 
 def test_unknown_workload_is_a_usage_error(capsys):

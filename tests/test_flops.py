@@ -15,7 +15,7 @@ from ptft.config.compose import compose, to_object
 from ptft.config.schema import AdapterMethodConfig, LoraMethodConfig
 from ptft.data.batches import IGNORE_INDEX, Batch
 from ptft.engine import flops as flops_module
-from ptft.engine import objective
+from ptft.engine import fused_loss, objective
 from ptft.engine.executor import _activation_checkpointing, execute
 from ptft.engine.flops import (TrainingFlops, device_peak_flops, gpu_peak_flops, input_tokens,
                                mfu, training_flops)
@@ -123,7 +123,7 @@ def test_chunked_and_target_only_losses_equal_plain_cross_entropy(tied, monkeypa
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
     ref_loss, ref_grads = _loss_and_grads(model, plain)
-    monkeypatch.setitem(objective.CHUNK_LOGIT_BYTES, "cpu", 4 * V * 7)  # chunks of 7 rows
+    monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, "cpu", 4 * V * 7)  # chunks of 7 rows
     for chunked in (False, True):
         loss, grads = _loss_and_grads(model, lambda: objective.loss_sum(model, batch, "lm",
                                                                         chunked=chunked))
@@ -185,4 +185,6 @@ def test_a_run_reports_mfu_and_time_to_first_step(tmp_path, cache_dir, monkeypat
                                            / 1e11, rel=1e-6)
     assert 0 < summary["mfu"] < 1 and summary["peak_flops"] == 1e11
     assert 0 < summary["time_to_first_step_s"] < summary["wall_s"]
+    assert 0 < summary["data_prep_s"] < summary["time_to_first_step_s"]
+    assert summary["chunked_loss"] is True and summary["precision"] in ("fp32", "bfloat16")
     assert summary["status"] == "finished"

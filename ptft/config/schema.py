@@ -19,7 +19,8 @@ class Arch(str, Enum):
 
 class Precision(str, Enum):
     auto = "auto"
-    """bf16 autocast where the device runs it natively (CUDA with bf16 support), else fp32."""
+    """bf16 autocast where the device runs it natively (CUDA with bf16 support; CPUs with
+    AVX512-BF16 or AMX instructions), else fp32."""
     fp32 = "fp32"
     bf16 = "bf16"
     """bf16 autocast for matmuls; weights and optimizer state stay fp32."""
@@ -291,11 +292,13 @@ class TrainConfig:
     """Recompute each decoder layer's activations in backward instead of keeping them: much
     less memory for about a third more compute (transformers models; works with LoRA and
     adapters)."""
-    chunked_loss: bool = False
+    chunked_loss: Optional[bool] = None
     """Compute the language-modelling loss from the last hidden states a chunk of rows at a
-    time, recomputing each chunk's logits in backward, so the full (tokens x vocab) fp32
-    logits are never held at once: for large vocabularies. Same numbers; the output
-    projection runs twice (on CPUs the cache-sized chunks still measured faster)."""
+    time, with the gradients in the same pass (a fused linear cross-entropy,
+    ptft/engine/fused_loss.py), so the (tokens x vocab) fp32 logits never exist: same numbers,
+    less memory, and on CPUs faster (the chunk stays in cache). null: on wherever the model
+    allows it (a causal LM with a plain output projection; not FSDP-sharded, not prompt
+    tuning), else the plain loss; true: on, or an error saying why it cannot be."""
 
 
 @dataclass

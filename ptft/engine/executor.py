@@ -24,12 +24,13 @@ from rich.table import Table
 from ptft.config.schema import OnNonFinite, RootConfig, Strategy
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
+from ptft.engine.allocator import keep_freed_memory
 from ptft.engine.checkpoint import full_model_state, load_checkpoint, restore_rng, save_checkpoint
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
 from ptft.engine.flops import TrainingMeter, device_peak_flops, training_flops
 from ptft.engine.metrics import MetricsLog, check_loggers
-from ptft.engine.objective import accumulate_gradients, evaluate
+from ptft.engine.objective import accumulate_gradients, chunked_loss_problem, evaluate
 from ptft.engine.optim import build_optimizer, lr_at
 from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import checkpoint_config, compare_configs, find_checkpoint, truncate_metrics
@@ -79,11 +80,15 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         _quiet_libraries()
         _seed_everything(t.seed)
         device = resolve_device(t)
+        if device.type == "cpu":
+            keep_freed_memory()  # no page faults for the buffers every step reallocates
         amp_dtype = autocast_dtype(t, device)
         # Rank 0 prepares (and caches) the data once; the others then read the cache.
+        data_started = time.perf_counter()
         data = _on_main(world, lambda: prepare_data(cfg))
         world.wait_for_main()
         data = data if world.is_main else prepare_data(cfg)
+        data_prep_s = time.perf_counter() - data_started  # a cache hit: well under a second
         console.print(_data_line(data), highlight=False)
         _check_data_sizes(data, t.seq_len, console)
         model = _model(cfg, data)
@@ -97,6 +102,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         model = wrap_model(model, world, t.strategy.value, device, amp_dtype)
         if t.compile:  # in place: parameter and checkpoint names stay as they are
             model.compile()
+        chunked_loss = _chunked_loss(t.chunked_loss, model, data.task)
         optimizer = build_optimizer(model, t, device)
         # The device's peak FLOP/s for MFU (on a CPU measured once, < 2 s, then cached).
         peak = device_peak_flops(device, amp_dtype, cfg.data.cache_dir) if world.is_main \
@@ -143,7 +149,10 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                "method": cfg.method.name, "model": cfg.model.path or cfg.model.name,
                "data": cfg.data.source, "parameters": total_params,
                "trainable_parameters": trainable_params, "world_size": world.world_size,
-               "run_dir": str(run_dir)}
+               "run_dir": str(run_dir), "data_prep_s": data_prep_s,
+               # what train.precision=auto and train.chunked_loss=null resolved to
+               "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
+               "chunked_loss": chunked_loss}
     _write_summary(run_dir, summary, world)
 
     def run_eval(step: int) -> None:
@@ -180,7 +189,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                 micro_batches = [stream.next_batch() for _ in range(t.grad_accum)]
                 summed, step_targets = accumulate_gradients(model, micro_batches, data.task,
                                                             device, amp_dtype, world,
-                                                            chunked=t.chunked_loss)
+                                                            chunked=chunked_loss)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or float("inf"))
                 # One host sync per step (not per micro-batch) to keep a NaN out of the weights;
                 # the same collective tells every rank whether any of them was asked to stop.
@@ -368,6 +377,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _chunked_loss(setting: bool | None, model, task: str) -> bool:
+    """train.chunked_loss resolved: null takes the chunked (fused) loss wherever it works."""
+    if task != "lm" or setting is False:
+        return False
+    problem = chunked_loss_problem(model)
+    if setting and problem:  # asked for explicitly: say so before any work is done
+        raise UsageError(f"train.chunked_loss=true: {problem}. Set train.chunked_loss=false "
+                         "(or null, which picks it where it works).")
+    return problem is None
+
+
 def _data_line(data) -> str:
     meta = data.meta
     if "documents" in meta:  # pre-training
@@ -393,7 +413,7 @@ def _summary_table(summary: dict) -> Table:
            "eval_ppl": "{:.2f}", "eval_accuracy": "{:.3f}", "wall_s": "{:.1f}",
            "peak_memory_mb": "{:,.0f}", "tokens_per_s": "{:,.0f}", "parameters": "{:,}",
            "trainable_parameters": "{:,}", "tokens": "{:,}", "mfu": "{:.3f}",
-           "time_to_first_step_s": "{:.1f}", "flops_per_token": "{:.4g}",
+           "time_to_first_step_s": "{:.1f}", "data_prep_s": "{:.2f}", "flops_per_token": "{:.4g}",
            "peak_flops": "{:.4g}"}
     for key, value in summary.items():
         text = fmt.get(key, "{}").format(value) if value is not None else "-"

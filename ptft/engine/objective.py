@@ -10,17 +10,12 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ptft.data.batches import IGNORE_INDEX, Batch
 from ptft.engine.device import autocast
 from ptft.engine.flops import unwrap_model
+from ptft.engine.fused_loss import linear_cross_entropy
 from ptft.errors import UsageError
-
-# fp32 logits computed at once by the chunked loss: on GPUs 256 MiB, large enough to keep the
-# matmuls efficient; on CPUs 8 MiB, which stays in cache (measured faster than whole logits).
-CHUNK_LOGIT_BYTES = {"cpu": 2**23}
-CHUNK_LOGIT_BYTES_DEFAULT = 2**28
 
 
 def _logits_and_loss(model, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,15 +73,10 @@ def _target_positions(model, batch: Batch) -> torch.Tensor | None:
 
 
 def _chunked_lm_loss(model, batch: Batch, keep: torch.Tensor | None) -> torch.Tensor:
-    """Summed next-token cross-entropy from the last hidden states, a chunk of rows at a time.
-    The model computes no logits (logits_to_keep=[]); each chunk's logits are recomputed in
-    backward (activation checkpointing of the projection + loss), so peak memory holds one
-    chunk's logits instead of all of them."""
-    head = _output_projection(model)
-    if type(head.weight).__name__ == "DTensor":
-        raise UsageError("train.chunked_loss=true does not work with train.strategy=fsdp (the "
-                         "output projection is sharded): use train.strategy=ddp or "
-                         "train.chunked_loss=false.")
+    """Summed next-token cross-entropy from the last hidden states through the fused linear
+    cross-entropy (ptft/engine/fused_loss.py): the model computes no logits
+    (logits_to_keep=[]) and the full (tokens x vocab) logits never exist."""
+    head = output_projection(model)
     empty = torch.zeros(0, dtype=torch.long)
     out = model(**batch.inputs, logits_to_keep=empty, output_hidden_states=True)
     hidden = out.hidden_states[-1][:, -batch.labels.shape[1]:]  # after the final norm
@@ -94,37 +84,38 @@ def _chunked_lm_loss(model, batch: Batch, keep: torch.Tensor | None) -> torch.Te
     if keep is not None:
         index = keep.flatten().nonzero().squeeze(1).to(hidden.device)
         hidden, labels = hidden.index_select(0, index), labels.index_select(0, index)
-    chunk_bytes = CHUNK_LOGIT_BYTES.get(hidden.device.type, CHUNK_LOGIT_BYTES_DEFAULT)
-    rows = max(1, chunk_bytes // (4 * head.out_features))
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], rows):
-        h, y = hidden[start:start + rows], labels[start:start + rows]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_projected_loss, h, head.weight, head.bias, y,
-                                       use_reentrant=False)
-        else:
-            total = total + _projected_loss(h, head.weight, head.bias, y)
-    return total
+    # Every row left is a target: the kept positions, or a batch whose labels are all targets.
+    all_targets = keep is not None or batch.num_targets == batch.labels.numel()
+    return linear_cross_entropy(hidden, head.weight, head.bias, labels, all_targets)
 
 
-def _projected_loss(hidden, weight, bias, labels) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()  # fp32 softmax, as in the plain path
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _output_projection(model) -> torch.nn.Linear:
+def output_projection(model) -> torch.nn.Linear:
     """The lm_head, checked to be a plain projection the chunked loss can apply itself."""
+    problem = chunked_loss_problem(model)
+    if problem:
+        raise UsageError(f"train.chunked_loss=true: {problem}. Set train.chunked_loss=false "
+                         "(or leave it unset: null picks it where it works).")
+    return unwrap_model(model).get_output_embeddings()
+
+
+def chunked_loss_problem(model) -> str | None:
+    """Why the chunked loss cannot compute `model`'s language-modelling loss, or None if it
+    can: it needs a causal LM of transformers whose logits are a plain, whole (unsharded)
+    linear projection of its last hidden states, with positions that line up with the labels."""
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     config = getattr(base, "config", None)
     scaled = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
     if type(head) is not torch.nn.Linear or scaled or \
             not _supports_logits_to_keep(type(base)):
-        raise UsageError(f"train.chunked_loss=true needs a causal LM whose logits are a plain "
-                         f"linear projection of its last hidden states; "
-                         f"{type(base).__name__} is not one (an adapted or scaled lm_head, or "
-                         f"no logits_to_keep). Set train.chunked_loss=false.")
-    return head
+        return (f"it needs a causal LM whose logits are a plain linear projection of its last "
+                f"hidden states; {type(base).__name__} is not one (an adapted or scaled "
+                f"lm_head, or no logits_to_keep)")
+    if type(head.weight).__name__ == "DTensor":
+        return "the output projection is sharded (train.strategy=fsdp); use train.strategy=ddp"
+    if _is_prompt_learning(model):
+        return "prompt tuning prepends virtual tokens, so positions do not line up with labels"
+    return None
 
 
 def _is_prompt_learning(model) -> bool:

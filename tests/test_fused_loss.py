@@ -1,0 +1,116 @@
+"""The fused linear cross-entropy against PyTorch's own, where the chunked loss is picked, what
+train.precision=auto picks, and the malloc setting for CPU runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from ptft.config.schema import LoraMethodConfig, Precision, PromptTuningMethodConfig, TrainConfig
+from ptft.engine import fused_loss
+from ptft.engine.device import autocast_dtype, cpu_runs_bf16_natively
+from ptft.engine.executor import _chunked_loss
+from ptft.engine.fused_loss import linear_cross_entropy
+from ptft.errors import UsageError
+from ptft.methods import apply_method
+
+N, H, V = 23, 16, 50
+
+
+def _inputs(bias: bool):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g, requires_grad=True) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[[3, 10]] = -100  # ignored rows
+    return hidden, weight, b, labels
+
+
+def _loss_and_grads(compute, tensors, dtype):
+    for t in tensors:
+        t.grad = None
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = compute()
+    (loss * 0.5).backward()  # a scaled loss, as the training loop scales it
+    return [loss.detach()] + [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, monkeypatch):
+    monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, "cpu", 4 * V * 7)  # chunks of 7 rows
+    hidden, weight, b, labels = _inputs(bias)
+    tensors = [t for t in (hidden, weight, b) if t is not None]
+    want = _loss_and_grads(lambda: F.cross_entropy(F.linear(hidden, weight, b).float(), labels,
+                                                   reduction="sum"), tensors, dtype)
+    got = _loss_and_grads(lambda: linear_cross_entropy(hidden, weight, b, labels),
+                          tensors, dtype)
+    # fp32: the same arithmetic in another order; bf16: both round the matmuls to bf16.
+    tolerance = 1e-5 if dtype is None else 1e-2
+    for a, c in zip(got, want):
+        assert a.dtype == c.dtype
+        assert torch.allclose(a, c, rtol=tolerance, atol=tolerance * c.abs().max().item())
+    # Ignored rows get no gradient at all.
+    assert got[1][[3, 10]].abs().max() == 0
+
+
+def test_fused_loss_without_gradients_and_with_a_frozen_weight():
+    hidden, weight, _, labels = _inputs(False)
+    want = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(hidden, weight, None, labels), want)
+    frozen = weight.detach()  # LoRA: the output projection is not trained
+    linear_cross_entropy(hidden, frozen, None, labels).backward()
+    hidden_grad = hidden.grad.clone()
+    hidden.grad = None
+    F.cross_entropy(hidden @ frozen.t(), labels, reduction="sum").backward()
+    assert torch.allclose(hidden_grad, hidden.grad, atol=1e-6)
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def test_chunked_loss_is_on_by_default_wherever_the_model_allows_it():
+    assert _chunked_loss(None, _tiny_llama(), "lm") is True
+    assert _chunked_loss(False, _tiny_llama(), "lm") is False
+    assert _chunked_loss(None, _tiny_llama(), "classification") is False
+    assert _chunked_loss(None, apply_method(_tiny_llama(), LoraMethodConfig(), "lm"), "lm")
+    prompt = apply_method(_tiny_llama(), PromptTuningMethodConfig(), "lm")
+    assert _chunked_loss(None, prompt, "lm") is False  # falls back to the plain loss
+    with pytest.raises(UsageError, match="prompt tuning"):
+        _chunked_loss(True, prompt, "lm")  # asked for: said why not, before any work
+
+
+def test_precision_auto_takes_bf16_on_cpus_with_native_bf16():
+    assert cpu_runs_bf16_natively("processor: 0\nflags\t\t: fpu avx512f avx512_bf16 sse\n")
+    assert cpu_runs_bf16_natively("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_runs_bf16_natively("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert not cpu_runs_bf16_natively("")
+    cpu = torch.device("cpu")
+    native = torch.bfloat16 if cpu_runs_bf16_natively() else None
+    assert autocast_dtype(TrainConfig(precision=Precision.auto), cpu) == native
+    assert autocast_dtype(TrainConfig(precision=Precision.fp32), cpu) is None
+    assert autocast_dtype(TrainConfig(precision=Precision.bf16), cpu) == torch.bfloat16
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_malloc_setting_applies_unless_the_user_chose_one():
+    code = "from ptft.engine.allocator import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
+    chosen = {**env, "MALLOC_TRIM_THRESHOLD_": "1000000"}
+    out = subprocess.run([sys.executable, "-c", code], env=chosen, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
