@@ -33,8 +33,10 @@ def run_ptft(*args: str, cwd: Path, cache: Path, timeout: int = 300, module: boo
              env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `ptft` command (or `python -m ptft`) and capture its output."""
     command = [sys.executable, "-m", "ptft"] if module else [_ptft_executable()]
+    # A fixed MFU peak: under a busy test run the CPU probe would be measured (not cached) in
+    # every run; test_flops.py tests the probe itself.
     full_env = {**os.environ, "PTFT_CACHE_DIR": str(cache), "COLUMNS": "200",
-                "OMP_NUM_THREADS": "2", **(env or {})}
+                "OMP_NUM_THREADS": "2", "PTFT_PEAK_FLOPS": "1e11", **(env or {})}
     return subprocess.run([*command, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -78,6 +78,10 @@ def test_gpu_table_by_device_name():
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.delenv(flops_module.PEAK_ENV, raising=False)
+    monkeypatch.setattr(flops_module, "_cpus_busy", lambda: True)
+    peak = device_peak_flops("cpu", torch.float32, tmp_path)
+    assert peak > 1e8 and not (tmp_path / "peak-flops").exists()  # busy cores: not kept
+    monkeypatch.setattr(flops_module, "_cpus_busy", lambda: False)
     peak = device_peak_flops("cpu", torch.float32, tmp_path)
     assert peak > 1e8  # any CPU does a 100 MFLOP/s matmul
     (cached,) = (tmp_path / "peak-flops").glob("cpu-*.json")

@@ -24,7 +24,8 @@ the output projection: nanoGPT's 6N counts the tied embedding as N for the same 
 MFU = achieved FLOPs per second / the device's peak: a table of dense bf16/fp16/tf32/fp32
 figures for known NVIDIA GPUs (looked up by torch.cuda.get_device_name), and on a CPU a peak
 measured once by a short matmul probe and cached on disk (keyed by CPU model, thread count,
-torch version and dtype). PTFT_PEAK_FLOPS=<FLOP/s> overrides both.
+torch version and dtype; a probe taken while other processes kept the cores busy is used for
+that run only, not cached). PTFT_PEAK_FLOPS=<FLOP/s> overrides both.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype | None = No
     except (OSError, ValueError, KeyError):
         pass
     peak = cpu_matmul_probe(dtype)
+    if _cpus_busy():  # other work took cores from the probe: it read low; measure next time
+        return peak
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"peak_flops": peak, **_probe_key(dtype)}, indent=2))
@@ -201,6 +204,16 @@ def cpu_matmul_probe(dtype: torch.dtype = torch.float32, size: int = 2048,
         if time.perf_counter() - started > budget_s:
             break
     return 2.0 * size ** 3 / best
+
+
+def _cpus_busy() -> bool:
+    """Whether other processes were running on the cores the probe needed (the load average
+    of the last minute, which counts this process too, exceeds the cores left over)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return False
+    return load > (os.cpu_count() or 1) - torch.get_num_threads() + 1.5
 
 
 def _probe_key(dtype: torch.dtype) -> dict:
