@@ -35,6 +35,10 @@ CHECKS = ("startup", "data-prep", "corpus-memory")
 MEMORY_RUN = ["model=llama-tiny", "train.max_steps=40", "train.eval_every=20",
               "train.save_every=0", "train.log_every=10"]
 SMALL_DOCUMENTS = 120  # python-code documents (stdlib modules) of the small corpus
+# --smoke: a 2-layer, hidden-32 model on a few documents (checks the script, measures nothing).
+SMOKE = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+         "model.num_kv_heads=null", "model.intermediate_size=64", "model.vocab_size=320",
+         "train.seq_len=32", "train.batch_size=4", "train.eval_batches=2"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown check {unknown}; choose from {', '.join(CHECKS)}", file=sys.stderr)
         return 2
+    if args.smoke:
+        args.repeats, args.small_documents = 1, 3
+    args.extra = SMOKE + ["data.max_documents=24"] if args.smoke else []
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ptft-footprint-"))
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_before": _load()}
@@ -71,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="documents of the small corpus (the large one has 10x)")
     p.add_argument("--workdir", help="scratch folder (default: a new temporary folder)")
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model, a few documents, one start-up run: checks the script")
     return p
 
 
@@ -90,7 +99,8 @@ def startup(args, workdir: Path) -> dict:
 def data_prep(args, workdir: Path) -> dict:
     cache = workdir / "cache"
     runs = [_pretrain(workdir, cache, f"run-{i}", ["train.max_steps=2", "train.eval_every=2",
-                                                   "train.save_every=0"]) for i in (1, 2)]
+                                                   "train.save_every=0", *args.extra])
+            for i in (1, 2)]
     first, second = runs
     return {"first": first, "second": second,
             "second_vs_first_prep": second["data_prep_s"] / first["data_prep_s"],
@@ -101,7 +111,8 @@ def corpus_memory(args, workdir: Path) -> dict:
     result = {}
     for name, documents in (("small", args.small_documents), ("large", 10 * args.small_documents)):
         cache = workdir / f"cache-{name}"
-        extra = ["data=python-code", f"data.max_documents={documents}", *MEMORY_RUN]
+        extra = ["data=python-code", *MEMORY_RUN, *args.extra[:-1],  # not data.max_documents
+                 f"data.max_documents={documents}"]
         prepared = _pretrain(workdir, cache, f"{name}-prepare", extra)  # builds the cache
         cached = _pretrain(workdir, cache, f"{name}-cached", extra)
         result[name] = {"documents": documents, "train_tokens": _train_tokens(cache),
@@ -128,6 +139,7 @@ def _median_seconds(command: list[str], repeats: int, cwd: Path) -> float:
 
 def _pretrain(workdir: Path, cache: Path, name: str, overrides: list[str]) -> dict:
     run_dir = workdir / "runs" / name
+    workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PTFT_CACHE_DIR": str(cache)}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "ptft", "pretrain", *overrides,
