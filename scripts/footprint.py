@@ -10,8 +10,8 @@ startup        `ptft --help` and `ptft config` against `python -c "import torch"
 data-prep      `ptft pretrain` twice on the default data with an empty cache; each summary's
                data_prep_s (corpus reading, tokenizer training, tokenisation: the first run;
                opening the cached arrays: the second).
-corpus-memory  `ptft pretrain` on the standard library's source code (data=python-code), a
-               corpus and one 10x larger, the same steps on each; peak RSS of the second,
+corpus-memory  `ptft pretrain` on the standard library's source code (data=python-code): all of
+               it, and the first tenth of it, the same steps on each; peak RSS of the second,
                cache-hit run of each (so preparing the data is not part of it): token blocks
                are memory-mapped, so the larger corpus must not raise it.
 
@@ -34,7 +34,9 @@ CHECKS = ("startup", "data-prep", "corpus-memory")
 # The corpus-memory runs: the same model and steps on both corpora.
 MEMORY_RUN = ["model=llama-tiny", "train.max_steps=40", "train.eval_every=20",
               "train.save_every=0", "train.log_every=10"]
-SMALL_DOCUMENTS = 120  # python-code documents (stdlib modules) of the small corpus
+# The large corpus is all of python-code (the 731 modules of CPython 3.11's standard library,
+# 12 M characters); the small one its first 59 modules, a tenth of the characters.
+SMALL_DOCUMENTS = 59
 # --smoke: a 2-layer, hidden-32 model on a few documents (checks the script, measures nothing).
 SMOKE = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
          "model.num_kv_heads=null", "model.intermediate_size=64", "model.vocab_size=320",
@@ -75,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    + ", ".join(CHECKS))
     p.add_argument("--repeats", type=int, default=5, help="start-up runs per command")
     p.add_argument("--small-documents", type=int, default=SMALL_DOCUMENTS,
-                   help="documents of the small corpus (the large one has 10x)")
+                   help="documents of the small corpus (the large one: all of python-code; "
+                        "with --smoke, 10x)")
     p.add_argument("--workdir", help="scratch folder (default: a new temporary folder)")
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--smoke", action="store_true",
@@ -109,10 +112,11 @@ def data_prep(args, workdir: Path) -> dict:
 
 def corpus_memory(args, workdir: Path) -> dict:
     result = {}
-    for name, documents in (("small", args.small_documents), ("large", 10 * args.small_documents)):
+    large = 10 * args.small_documents if args.smoke else None
+    for name, documents in (("small", args.small_documents), ("large", large)):
         cache = workdir / f"cache-{name}"
         extra = ["data=python-code", *MEMORY_RUN, *args.extra[:-1],  # not data.max_documents
-                 f"data.max_documents={documents}"]
+                 f"data.max_documents={'null' if documents is None else documents}"]
         prepared = _pretrain(workdir, cache, f"{name}-prepare", extra)  # builds the cache
         cached = _pretrain(workdir, cache, f"{name}-cached", extra)
         result[name] = {"documents": documents, "train_tokens": _train_tokens(cache),
@@ -179,7 +183,7 @@ def report(results: dict) -> str:
         m = results["corpus-memory"]
         for name in ("small", "large"):
             r = m[name]
-            lines.append(f"{name} corpus: {r['documents']} documents, {r['train_tokens']:,} "
+            lines.append(f"{name} corpus: {r['documents'] or 'all'} documents, {r['train_tokens']:,} "
                          f"training tokens; peak RSS {r['peak_rss_mb']:,.0f} MB (cache-hit "
                          f"run), {r['prepare_run_peak_rss_mb']:,.0f} MB while preparing")
         lines.append(f"{m['token_ratio']:.1f}x the tokens: peak RSS {m['rss_change']:+.1%}")

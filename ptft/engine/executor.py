@@ -160,7 +160,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
             return
         with autocast(device, amp_dtype):
             result = evaluate(model, eval_batches(data.eval, t.batch_size, t.eval_batches),
-                              data.task, device)
+                              data.task, device, chunked_loss)
         row = {"kind": "eval", "step": step, **result, "elapsed_s": time.perf_counter() - started}
         metrics.write(row)
         evaluations.append(row)

@@ -173,8 +173,10 @@ def accumulate_gradients(model, micro_batches: list[Batch], task: str, device: t
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[Batch], task: str, device: torch.device) -> dict:
-    """Mean loss per target and perplexity; accuracy for classification."""
+def evaluate(model, batches: Iterable[Batch], task: str, device: torch.device,
+             chunked: bool = False) -> dict:
+    """Mean loss per target and perplexity; accuracy for classification. `chunked`: the loss
+    without whole logits, as in training (see loss_sum)."""
     model.eval()
     total, targets = torch.zeros((), device=device), 0
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -184,7 +186,7 @@ def evaluate(model, batches: Iterable[Batch], task: str, device: torch.device) -
             logits, summed = _logits_and_loss(model, batch, task)
             correct += (logits.argmax(-1) == batch.labels).sum()
         else:
-            summed = loss_sum(model, batch, task, device)
+            summed = loss_sum(model, batch, task, device, chunked)
         total += summed
         targets += batch.num_targets
     loss = total.item() / max(targets, 1)
