@@ -202,22 +202,22 @@ def generate(
              "instructions (SFT), off otherwise."),
 ) -> None:
     with _usage_errors():
-        from ptft import inference
+        from ptft import generation, inference
 
         found = inference.locate(target)
         inference.quiet_libraries()
         tokenizer = inference.load_tokenizer(found)
         model = inference.load_model(found)
         if found.task == "classification":
-            ranked = inference.classify(model, tokenizer, prompt)
+            ranked = generation.classify(model, tokenizer, prompt)
             print(f"classifier ({len(ranked)} labels); predicted label: {ranked[0][0]}")
             for label, probability in ranked:
                 print(f"  {label:<24} {probability:.4f}")
             return
         use_chat = inference.chat_by_default(found) if chat is None else chat
-        print(inference.generate(model, tokenizer, prompt, chat=use_chat,
-                                 max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed))
+        print(generation.generate(model, tokenizer, prompt, chat=use_chat,
+                                  max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed))
 
 
 @app.command(help="Fold a LoRA (or IA3) run into its base model and write a plain Hugging Face "
@@ -237,10 +237,11 @@ def merge(
         from pathlib import Path
 
         from ptft import inference
+        from ptft.merge import merge_into_base
 
         found = inference.locate(run_dir)
         inference.quiet_libraries()
-        print(inference.merge(found, Path(output) if output else None))
+        print(merge_into_base(found, Path(output) if output else None))
 
 
 @app.command(name="eval",
@@ -262,11 +263,11 @@ def eval_(
     with _usage_errors():
         import json
 
-        from ptft import inference
+        from ptft import evaluation, inference
 
         found = inference.locate(target)
         inference.quiet_libraries()
-        result = inference.evaluate(found, list(overrides or []))
+        result = evaluation.evaluate(found, list(overrides or []))
         if as_json:
             print(json.dumps(result, indent=2))
             return

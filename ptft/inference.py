@@ -1,5 +1,6 @@
-"""Using a trained model: what a RUN_OR_MODEL_DIR argument points at, loading it whatever the
-method that trained it, and the three things done with it (generate, merge, eval).
+"""Using a trained model: what a RUN_OR_MODEL_DIR argument points at, and loading it whatever
+the method that trained it. What is done with it lives next door: ptft/generation.py
+(generate, classify), ptft/merge.py, ptft/evaluation.py.
 
 A run's `final/` is one of three shapes (see ptft/methods):
     full       a plain Hugging Face model directory (config.json + weights)
@@ -12,9 +13,6 @@ loaded first. The tokenizer is always saved in `final/`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,12 +153,12 @@ def run_config(run_dir: Path) -> RootConfig:
     """The typed config a run was trained with, from its config.yaml."""
     from ptft.config.compose import to_object
 
-    raw = _load_run_yaml(run_dir)
-    _validate_run_config(raw, run_dir)
+    raw = load_run_yaml(run_dir)
+    validate_run_config(raw, run_dir)
     return to_object(raw)
 
 
-def _validate_run_config(cfg, run_dir: Path) -> None:
+def validate_run_config(cfg, run_dir: Path) -> None:
     """validate(), naming the file: a run from an older ptft may carry keys it no longer has."""
     from ptft.config.compose import validate
 
@@ -170,7 +168,7 @@ def _validate_run_config(cfg, run_dir: Path) -> None:
         raise UsageError(f"{run_dir / 'config.yaml'}: {err}") from None
 
 
-def _load_run_yaml(run_dir: Path):
+def load_run_yaml(run_dir: Path):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -273,209 +271,3 @@ def _apply_saved_changes(base: torch.nn.Module, target: Target) -> torch.nn.Modu
 
 def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ---- generate -----------------------------------------------------------------------------
-
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
-    """The prompt as a (1, n) tensor of token ids, rendered as in training."""
-    if chat:
-        from ptft.data.sft import ensure_chat_template
-
-        ensure_chat_template(tokenizer)  # the template ptft trains with when a model has none
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-        # The rendered template carries its own special tokens (SFT tokenises it the same way).
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    if not ids:
-        # Pre-training ends every document with EOS, so after it the model starts a new one.
-        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None
-               else tokenizer.eos_token_id]
-    return torch.tensor([ids], dtype=torch.long)
-
-
-def generate(model, tokenizer, prompt: str, *, chat: bool, max_new_tokens: int,
-             temperature: float, top_p: float, seed: int) -> str:
-    """The model's continuation of `prompt` (the new text only). temperature 0 is greedy."""
-    from transformers import GenerationConfig
-
-    if max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1.")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise UsageError("--temperature must be >= 0 and --top-p in (0, 1].")
-    device = inference_device()
-    model.to(device)
-    ids = prompt_ids(tokenizer, prompt, chat).to(device)
-    limit = _max_positions(model)
-    if limit and ids.shape[1] + max_new_tokens > limit:
-        raise UsageError(f"the prompt ({ids.shape[1]} tokens) plus --max-new-tokens "
-                         f"{max_new_tokens} exceeds the model's {limit} positions.")
-    sample = temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample,
-        # top_k=0: only the sampling controls this command offers (transformers adds top-k 50).
-        **(dict(temperature=temperature, top_p=top_p, top_k=0) if sample else {}),
-        eos_token_id=_stop_tokens(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)  # the same seed gives the same sample
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             generation_config=config)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def _stop_tokens(model, tokenizer) -> list[int]:
-    """The tokenizer's EOS plus any the model's generation config names (chat models often
-    end a turn with a token of their own)."""
-    stops = [tokenizer.eos_token_id]
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for token in (extra if isinstance(extra, list) else [extra]):
-        if token is not None and token not in stops:
-            stops.append(token)
-    return stops
-
-
-def _max_positions(model) -> int | None:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def classify(model, tokenizer, text: str) -> list[tuple[str, float]]:
-    """(label, probability) for every label, most likely first."""
-    device = inference_device()
-    model.to(device)
-    ids = tokenizer(text)["input_ids"]  # as classification examples are tokenised in training
-    limit = _max_positions(model)
-    ids = torch.tensor([ids[:limit] if limit else ids], dtype=torch.long, device=device)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    probs = logits.float().softmax(-1)[0]
-    id2label = model.config.id2label
-    return sorted(((id2label[i], float(p)) for i, p in enumerate(probs.tolist())),
-                  key=lambda pair: -pair[1])
-
-
-# ---- merge --------------------------------------------------------------------------------
-
-def merge(target: Target, output: Path | None) -> Path:
-    """Fold a LoRA (or IA3) run into its base weights and save a plain model directory
-    (safetensors + tokenizer). Written under a temporary name and renamed when complete."""
-    _check_mergeable(target)
-    if output is None:
-        output = (target.run_dir / "merged" if target.run_dir is not None
-                  else target.model_dir.with_name(target.model_dir.name + "-merged"))
-    output = output.expanduser()
-    if output.exists():
-        raise UsageError(f"{output} already exists; remove it or choose --output DIR.")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    except OSError as err:
-        raise UsageError(f"cannot write {output}: {err.strerror}.") from None
-    try:
-        tokenizer = load_tokenizer(target)
-        merged = load_model(target).merge_and_unload()
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
-
-
-def _check_mergeable(target: Target) -> None:
-    where = target.run_dir or target.model_dir
-    if target.kind == FULL:
-        raise UsageError(f"{where} is already a full model: there is nothing to merge; use "
-                         f"{target.model_dir} as it is.")
-    if target.kind == ADAPTER:
-        raise UsageError(f"{where} was trained with bottleneck adapters, which add new layers "
-                         "(a down and an up projection with a non-linearity between them) "
-                         "rather than changing existing weights, so they cannot be folded into "
-                         "the base weights. Use the run as it is (ptft generate / ptft eval).")
-    if target.peft_type not in ("LORA", "IA3"):
-        raise UsageError(f"{where} was trained with {target.peft_type}, which learns extra "
-                         "inputs rather than weight changes, so there is nothing to fold into "
-                         "the base weights; only LoRA and IA3 runs can be merged.")
-
-
-# ---- eval ---------------------------------------------------------------------------------
-
-def eval_config(target: Target, overrides: list[str]) -> RootConfig:
-    """The config to evaluate with: the run's own (same data, seq_len, batches) with
-    `overrides` applied, or, for a model directory without a run, the composed fine-tuning
-    stage. A `stage=` override chooses the stage (e.g. stage=pretrain data=python-docs)."""
-    from omegaconf import OmegaConf
-
-    from ptft.config.compose import GROUPS, check_stage, compose, to_object
-
-    keys = [o.lstrip("+~").split("=")[0] for o in overrides]
-    if "model.path" in keys:
-        raise UsageError("the model evaluated is the RUN_OR_MODEL_DIR argument; drop the "
-                         "model.path= override.")
-    stage = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("stage=")),
-                 None)
-    rest = [o for o in overrides if not o.startswith("stage=")]
-    if target.run_dir is None:
-        cfg = compose(check_stage(stage or "finetune"), [f"model.path={target.tokenizer_dir}", *rest])
-        return to_object(cfg)
-
-    run = _load_run_yaml(target.run_dir)
-    # Compose with the run's group choices (option names are the method name and data
-    # source), so an override such as method.r=4 or data.paths=[...] is checked against
-    # the blocks the run has; the user's own choices win.
-    chosen = {k for k in keys if k in GROUPS}
-    run_choices = [f"{g}={v}" for g, v in (("method", run.method.name), ("data", run.data.source))
-                   if g not in chosen]
-    composed = compose(check_stage(stage or run.stage.name), [*run_choices, *rest])
-    # Start from the run's values; a group choice replaces its whole block, a key override
-    # its key (with the value as composed: parsed and type-checked by Hydra and the schema).
-    for key in dict.fromkeys(keys):
-        OmegaConf.update(run, key, OmegaConf.select(composed, key), merge=False)
-    run.model.path = target.tokenizer_dir
-    _validate_run_config(run, target.run_dir)
-    return to_object(run)
-
-
-def evaluate(target: Target, overrides: list[str]) -> dict:
-    """Loss and perplexity (language models) or loss and accuracy (classifiers) on the eval
-    split, computed by the training loop's own evaluation."""
-    from ptft.data.batches import eval_batches
-    from ptft.data.prepare import prepare_data
-    from ptft.engine import objective
-    from ptft.engine.device import autocast, autocast_dtype, resolve_device
-
-    cfg = eval_config(target, overrides)
-    data = prepare_data(cfg)
-    if data.task != target.task:
-        raise UsageError(_task_mismatch(target, data.task))
-    labels = None
-    if data.task == "classification":
-        labels = classifier_labels(target)
-        if list(data.labels) != list(labels):
-            raise UsageError(f"the data's labels ({', '.join(data.labels)}) are not the ones "
-                             f"the classifier was trained on ({', '.join(labels)}).")
-    if len(data.eval) == 0:
-        raise UsageError("the eval split is empty (smaller than one sequence of train.seq_len="
-                         f"{cfg.train.seq_len}); raise data.eval_fraction or give data.eval_paths.")
-    device = resolve_device(cfg.train)
-    model = load_model(target, labels).to(device)
-    with autocast(device, autocast_dtype(cfg.train, device)):
-        result = objective.evaluate(model, eval_batches(data.eval, cfg.train.batch_size,
-                                                        cfg.train.eval_batches),
-                                    data.task, device)
-    sequences = len(data.eval) if cfg.train.eval_batches == 0 else min(
-        len(data.eval), cfg.train.eval_batches * cfg.train.batch_size)
-    return {**result, "task": data.task, "model": str(target.model_dir),
-            "data": cfg.data.source, "eval_sequences": sequences}
-
-
-def _task_mismatch(target: Target, data_task: str) -> str:
-    if target.task == "classification":
-        return (f"{target.model_dir} is a classifier but the data is for language modelling; "
-                "evaluate it on classification data (data=stdlib-topics, or your records with "
-                "stage.task=classification).")
-    return (f"{target.model_dir} is a language model but the data is for classification; "
-            "evaluate it on text or SFT data (e.g. data=docstrings).")
