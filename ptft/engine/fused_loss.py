@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ptft.data.batches import IGNORE_INDEX
+
 # fp32 logits per chunk, by device type: on CPUs 8 MiB stays in cache (measured faster than any
 # larger chunk); on GPUs 256 MiB keeps the matmuls large enough to be efficient.
 CHUNK_LOGIT_BYTES = {"cpu": 2**23}
