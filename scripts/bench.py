@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --precision takes {' or '.join(PRECISIONS)}, or both: fp32,bf16",
               file=sys.stderr)
         return 2
+    if args.compare and not Path(args.compare).is_file():  # say so now, not after the runs
+        print(f"error: --compare {args.compare}: no such results file (write one with "
+              "--output)", file=sys.stderr)
+        return 2
     if args.smoke:
         args.warmup, args.steps, args.repeats = 1, min(args.steps, 2), 1
     args.warmup = max(1, args.warmup)  # the timed window starts at the end of a step

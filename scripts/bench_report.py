@@ -87,6 +87,9 @@ def comparison(before: dict, after: dict) -> str:
         lines.append(f"| {' | '.join(key(r))} | {o['target_tokens_per_s']:,.0f} | "
                      f"{r['target_tokens_per_s']:,.0f} | {change:+.1%} | "
                      f"{fmt(o.get('mfu'), '{:.2f}')} | {fmt(r.get('mfu'), '{:.2f}')} |")
+    if len(lines) == 2:
+        return ("change against the previous results: none to show (no workload, precision "
+                "and side in common with them)")
     return "change against the previous results:\n" + "\n".join(lines)
 
 

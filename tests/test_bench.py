@@ -48,6 +48,14 @@ def test_compare_prints_the_change():
     # a file from before the precision column counts as fp32
     text = bench.comparison({"rows": [row]}, {"rows": [after]})
     assert "| sft | fp32 | ptft | 100 | 150 | +50.0% | 0.50 | 0.50 |" in text
+    other = {**after, "workload": "lora"}
+    assert "none to show" in bench.comparison({"rows": [row]}, {"rows": [other]})
+
+
+def test_missing_compare_file_is_a_usage_error_before_any_run(tmp_path, capsys):
+    missing = tmp_path / "last.json"
+    assert _bench_module().main(["--smoke", "--compare", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
 
 
 def test_summary_has_the_ratios_against_the_trainer_full_fine_tuning_and_fp32():
