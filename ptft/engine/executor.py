@@ -29,6 +29,7 @@ from ptft.engine.checkpoint import full_model_state, load_checkpoint, restore_rn
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
 from ptft.engine.flops import TrainingMeter, device_peak_flops, training_flops
+from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers
 from ptft.engine.objective import accumulate_gradients, chunked_loss_problem, evaluate
 from ptft.engine.optim import build_optimizer, lr_at
@@ -92,7 +93,9 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         console.print(_data_line(data), highlight=False)
         _check_data_sizes(data, t.seq_len, console)
         model = _model(cfg, data)
-        model = apply_method(model, cfg.method, data.task).to(device)
+        model = apply_method(model, cfg.method, data.task)
+        store_frozen_projections_in(model, amp_dtype)  # before the move: half the transfer
+        model = model.to(device)
         total_params, trainable_params = count_parameters(model)
         if world.distributed and t.strategy == Strategy.fsdp and cfg.method.name != "full":
             raise UsageError("train.strategy=fsdp shards whole models: use it with method=full, "

@@ -95,7 +95,7 @@ def training_flops(model: torch.nn.Module, seq_len: int) -> TrainingFlops:
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     per_token = per_target = 0.0
     for module in base.modules():
-        shape = _matmul_shape(module)
+        shape = matmul_shape(module)
         if shape is None:
             continue
         weight = module.weight
@@ -123,7 +123,7 @@ def attention_flops_per_token(config, seq_len: int) -> float:
     return 12.0 * layers * heads * head_dim * seq_len
 
 
-def _matmul_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+def matmul_shape(module: torch.nn.Module) -> tuple[int, int] | None:
     """(in, out) of a dense projection, or None."""
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
