@@ -47,6 +47,7 @@ def test_each_method_learns_and_saves_its_own_kind_of_final(workspace, cache_dir
         assert (run_dir / "final" / name).exists(), name
     assert summary["task"] == "sft" and summary["method"] == method
     assert summary["eval_loss"] < summary["first_eval_loss"]
+    assert summary["packed_attention"] is True  # packed samples attend one at a time
     assert f"method {method}" in stdout and "trainable (" in stdout
     if method != "full":
         assert summary["trainable_parameters"] < 0.25 * summary["parameters"]
@@ -80,6 +81,8 @@ def test_other_peft_methods_run(workspace, cache_dir, method):
                                    "train.max_steps=2")
     assert (run_dir / "final" / "adapter_config.json").exists()
     assert summary["trainable_parameters"] < summary["parameters"]
+    # prompt tuning's virtual tokens shift every position: the block-diagonal mask stays
+    assert summary["packed_attention"] is (method == "ia3")
 
 
 def test_classification_reports_accuracy(workspace, cache_dir):

@@ -24,10 +24,13 @@ class Batch:
     """Next-token targets (B, L) for language modelling, class indices (B,) for classification."""
     num_targets: int
     """Labels that carry loss; the step's loss is normalised by their total over micro-batches."""
+    segments: tuple | None = None
+    """Packed SFT: per row, the (start, end) of each sample, for attention that runs sample by
+    sample (ptft/engine/packed_attention.py); None elsewhere."""
 
     def to(self, device: torch.device) -> "Batch":
         return Batch({k: v.to(device, non_blocking=True) for k, v in self.inputs.items()},
-                     self.labels.to(device, non_blocking=True), self.num_targets)
+                     self.labels.to(device, non_blocking=True), self.num_targets, self.segments)
 
 
 class Dataset(Protocol):

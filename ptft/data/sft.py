@@ -194,8 +194,9 @@ class PackedSFT:
         same = segment[:, :, None] == segment[:, None, :]
         causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
         mask = (same & causal) | torch.eye(width, dtype=torch.bool)
+        spans = tuple(_spans(self.sequences[i], self.offsets) for i in indices)
         return Batch({"input_ids": input_ids, "position_ids": positions,
-                      "attention_mask": mask[:, None]}, labels, num_targets)
+                      "attention_mask": mask[:, None]}, labels, num_targets, spans)
 
     def _sequence(self, members: list[int]):
         ids, targets, pos, seg = [], [], [], []
@@ -209,3 +210,14 @@ class PackedSFT:
             pos.append(torch.arange(n))
             seg.append(torch.full((n,), s))
         return torch.cat(ids), torch.cat(targets), torch.cat(pos), torch.cat(seg)
+
+
+def _spans(members: list[int], offsets) -> tuple[tuple[int, int], ...]:
+    """(start, end) of each sample of a packed sequence (a sample of n + 1 tokens gives n
+    inputs, as in PackedSFT._sequence)."""
+    spans, start = [], 0
+    for i in members:
+        end = start + int(offsets[i + 1] - offsets[i]) - 1
+        spans.append((start, end))
+        start = end
+    return tuple(spans)

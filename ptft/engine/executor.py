@@ -33,6 +33,7 @@ from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers
 from ptft.engine.objective import accumulate_gradients, chunked_loss_problem, evaluate
 from ptft.engine.optim import build_optimizer, lr_at
+from ptft.engine.packed_attention import use_packed_attention
 from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import checkpoint_config, compare_configs, find_checkpoint, truncate_metrics
 from ptft.engine.rundir import create_run_dir
@@ -96,6 +97,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         model = apply_method(model, cfg.method, data.task)
         store_frozen_projections_in(model, amp_dtype)  # before the move: half the transfer
         model = model.to(device)
+        # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
+        packed_attention = not t.compile and use_packed_attention(model, device)
         total_params, trainable_params = count_parameters(model)
         if world.distributed and t.strategy == Strategy.fsdp and cfg.method.name != "full":
             raise UsageError("train.strategy=fsdp shards whole models: use it with method=full, "
@@ -155,7 +158,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                "run_dir": str(run_dir), "data_prep_s": data_prep_s,
                # what train.precision=auto and train.chunked_loss=null resolved to
                "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
-               "chunked_loss": chunked_loss}
+               "chunked_loss": chunked_loss, "packed_attention": packed_attention}
     _write_summary(run_dir, summary, world)
 
     def run_eval(step: int) -> None:

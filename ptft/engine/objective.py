@@ -15,11 +15,13 @@ from ptft.data.batches import IGNORE_INDEX, Batch
 from ptft.engine.device import autocast
 from ptft.engine.flops import unwrap_model
 from ptft.engine.fused_loss import linear_cross_entropy
+from ptft.engine.packed_attention import uses_packed_attention
 from ptft.errors import UsageError
 
 
 def _logits_and_loss(model, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(**batch.inputs).logits.float()  # fp32 softmax: stable under autocast
+    # fp32 softmax: stable under autocast
+    logits = model(**_model_inputs(model, batch)).logits.float()
     if task == "classification":
         return logits, F.cross_entropy(logits, batch.labels, reduction="sum")
     # Methods that prepend virtual tokens (prompt tuning) return longer logits: the
@@ -52,7 +54,7 @@ def loss_sum(model, batch: Batch, task: str, device: torch.device | None = None,
         return _chunked_lm_loss(model, batch, keep)
     if keep is None:
         return _logits_and_loss(model, batch, task)[1]
-    logits = model(**batch.inputs, logits_to_keep=keep).logits.float()
+    logits = model(**_model_inputs(model, batch), logits_to_keep=keep).logits.float()
     if logits.dim() != 2 or logits.shape[0] != batch.num_targets:
         raise RuntimeError(f"{type(model).__name__} returned logits of shape "
                            f"{tuple(logits.shape)} for logits_to_keep: expected "
@@ -61,13 +63,21 @@ def loss_sum(model, batch: Batch, task: str, device: torch.device | None = None,
     return F.cross_entropy(logits, batch.labels[keep], reduction="sum")
 
 
+def _model_inputs(model, batch: Batch) -> dict:
+    """The batch's forward arguments, plus the packed samples' boundaries where the model runs
+    the packed attention (ptft/engine/packed_attention.py)."""
+    if batch.segments is None or not uses_packed_attention(model):
+        return batch.inputs
+    return {**batch.inputs, "packed_segments": batch.segments}
+
+
 def _target_positions(model, batch: Batch) -> torch.Tensor | None:
     """The (B, T) bool mask of positions that carry a target, on the CPU, when the model can
     compute logits for just those and some positions carry none; else None (all logits)."""
     labels = batch.labels
     if labels.dim() != 2 or batch.num_targets == labels.numel():
         return None
-    if _is_prompt_learning(model) or not _supports_logits_to_keep(type(unwrap_model(model))):
+    if is_prompt_learning(model) or not _supports_logits_to_keep(type(unwrap_model(model))):
         return None
     return (labels != IGNORE_INDEX).cpu()
 
@@ -78,7 +88,7 @@ def _chunked_lm_loss(model, batch: Batch, keep: torch.Tensor | None) -> torch.Te
     (logits_to_keep=[]) and the full (tokens x vocab) logits never exist."""
     head = output_projection(model)
     empty = torch.zeros(0, dtype=torch.long)
-    out = model(**batch.inputs, logits_to_keep=empty, output_hidden_states=True)
+    out = model(**_model_inputs(model, batch), logits_to_keep=empty, output_hidden_states=True)
     hidden = out.hidden_states[-1][:, -batch.labels.shape[1]:]  # after the final norm
     hidden, labels = hidden.flatten(0, 1), batch.labels.flatten()
     if keep is not None:
@@ -113,12 +123,12 @@ def chunked_loss_problem(model) -> str | None:
                 f"lm_head, or no logits_to_keep)")
     if type(head.weight).__name__ == "DTensor":
         return "the output projection is sharded (train.strategy=fsdp); use train.strategy=ddp"
-    if _is_prompt_learning(model):
+    if is_prompt_learning(model):
         return "prompt tuning prepends virtual tokens, so positions do not line up with labels"
     return None
 
 
-def _is_prompt_learning(model) -> bool:
+def is_prompt_learning(model) -> bool:
     """peft prompt tuning: the model prepends virtual tokens, so its positions do not line up
     with the labels."""
     while hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):

@@ -1,0 +1,127 @@
+"""Packed SFT attention sample by sample: the same losses and gradients as the block-diagonal
+mask (and as unpacked samples), not read from the mask at all, and nothing of it saved."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from ptft.config.schema import DataConfig, PromptTuningMethodConfig
+from ptft.data.batches import IGNORE_INDEX
+from ptft.data.sft import PackedSFT, save_samples, tokenize_sft
+from ptft.engine.objective import accumulate_gradients, loss_sum
+from ptft.engine.packed_attention import NAME, use_packed_attention, uses_packed_attention
+from ptft.methods import apply_method
+from tests.test_sft import records, tokenizer  # noqa: F401 (tokenizer: a fixture)
+
+CPU = torch.device("cpu")
+
+
+def _model(tokenizer, kv_heads: int = 2):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=kv_heads,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def _dataset(tmp_path, tokenizer, packing: bool) -> PackedSFT:
+    folder = tmp_path / ("packed" if packing else "unpacked")
+    if not folder.exists():
+        folder.mkdir()
+        tokens, flags, _ = tokenize_sft(records(40), tokenizer, DataConfig(), 96, False)
+        save_samples(folder, tokens, flags, np.dtype(np.uint16))
+    return PackedSFT(folder, 96, packing, tokenizer.pad_token_id)
+
+
+def _grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, [batch], "lm", CPU, None)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])  # plain and grouped-query attention
+def test_same_loss_and_gradients_as_the_mask(tmp_path, tokenizer, kv_heads):
+    data = _dataset(tmp_path, tokenizer, True)
+    batch = data.collate(range(len(data)))
+    assert any(len(spans) > 1 for spans in batch.segments)  # rows hold several samples
+    masked = _model(tokenizer, kv_heads)
+    packed = copy.deepcopy(masked)
+    assert use_packed_attention(packed, CPU) and uses_packed_attention(packed)
+    assert not uses_packed_attention(masked)
+    with torch.no_grad():
+        want, got = loss_sum(masked, batch, "lm"), loss_sum(packed, batch, "lm")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want_grads, got_grads = _grads(masked, batch), _grads(packed, batch)
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The samples' boundaries alone decide: a mask that lets everything see everything
+    # changes the masked model's loss, not the packed one's.
+    leaky = copy.copy(batch)
+    leaky.inputs = {**batch.inputs,
+                    "attention_mask": torch.ones_like(batch.inputs["attention_mask"]).tril()}
+    with torch.no_grad():
+        assert not torch.allclose(loss_sum(masked, leaky, "lm"), want, rtol=1e-4)
+        torch.testing.assert_close(loss_sum(packed, leaky, "lm"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_same_per_sample_losses_as_unpacked(tmp_path, tokenizer):
+    packed_data, unpacked_data = (_dataset(tmp_path, tokenizer, p) for p in (True, False))
+    model = _model(tokenizer)
+    use_packed_attention(model, CPU)
+
+    def losses(data):
+        batch = data.collate(range(len(data)))
+        inputs = {**batch.inputs}
+        if batch.segments is not None:
+            inputs["packed_segments"] = batch.segments
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        token = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="none")
+        token = token.view(batch.labels.shape)
+        out = {}
+        for row, spans in enumerate(_spans(data, batch)):
+            for sample, (s, e) in spans:
+                keep = batch.labels[row, s:e] != IGNORE_INDEX
+                out[sample] = token[row, s:e][keep]
+        return out
+
+    a, b = losses(packed_data), losses(unpacked_data)
+    assert a.keys() == b.keys()
+    for sample in a:
+        torch.testing.assert_close(a[sample], b[sample], rtol=1e-5, atol=1e-5)
+
+
+def _spans(data, batch):
+    for members in data.sequences:
+        start, row = 0, []
+        for sample in members:
+            n = int(data.offsets[sample + 1] - data.offsets[sample]) - 1
+            row.append((sample, (start, start + n)))
+            start += n
+        yield row
+
+
+def test_not_for_prompt_tuning_gpus_or_other_attention(tokenizer, tmp_path):
+    prompt = apply_method(_model(tokenizer), PromptTuningMethodConfig(), "lm")
+    assert not use_packed_attention(prompt, CPU)
+    assert not use_packed_attention(_model(tokenizer), torch.device("cuda"))
+    eager = _model(tokenizer)
+    eager.set_attn_implementation("eager")
+    assert not use_packed_attention(eager, CPU)
+    model = _model(tokenizer)
+    use_packed_attention(model, CPU)
+    model.save_pretrained(tmp_path / "saved")
+    assert NAME not in (tmp_path / "saved" / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert reloaded.config._attn_implementation != NAME
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "llama"
