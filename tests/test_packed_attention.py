@@ -54,7 +54,7 @@ def test_same_loss_and_gradients_as_the_mask(tmp_path, tokenizer, kv_heads):
     assert any(len(spans) > 1 for spans in batch.segments)  # rows hold several samples
     masked = _model(tokenizer, kv_heads)
     packed = copy.deepcopy(masked)
-    assert use_packed_attention(packed, CPU) and uses_packed_attention(packed)
+    assert use_packed_attention(packed, CPU, None) and uses_packed_attention(packed)
     assert not uses_packed_attention(masked)
     with torch.no_grad():
         want, got = loss_sum(masked, batch, "lm"), loss_sum(packed, batch, "lm")
@@ -76,7 +76,7 @@ def test_same_loss_and_gradients_as_the_mask(tmp_path, tokenizer, kv_heads):
 def test_same_per_sample_losses_as_unpacked(tmp_path, tokenizer):
     packed_data, unpacked_data = (_dataset(tmp_path, tokenizer, p) for p in (True, False))
     model = _model(tokenizer)
-    use_packed_attention(model, CPU)
+    use_packed_attention(model, CPU, None)
 
     def losses(data):
         batch = data.collate(range(len(data)))
@@ -111,15 +111,16 @@ def _spans(data, batch):
         yield row
 
 
-def test_not_for_prompt_tuning_gpus_or_other_attention(tokenizer, tmp_path):
+def test_not_for_prompt_tuning_gpus_bf16_or_other_attention(tokenizer, tmp_path):
     prompt = apply_method(_model(tokenizer), PromptTuningMethodConfig(), "lm")
-    assert not use_packed_attention(prompt, CPU)
-    assert not use_packed_attention(_model(tokenizer), torch.device("cuda"))
+    assert not use_packed_attention(prompt, CPU, None)
+    assert not use_packed_attention(_model(tokenizer), torch.device("cuda"), None)
+    assert not use_packed_attention(_model(tokenizer), CPU, torch.bfloat16)
     eager = _model(tokenizer)
     eager.set_attn_implementation("eager")
-    assert not use_packed_attention(eager, CPU)
+    assert not use_packed_attention(eager, CPU, None)
     model = _model(tokenizer)
-    use_packed_attention(model, CPU)
+    use_packed_attention(model, CPU, None)
     model.save_pretrained(tmp_path / "saved")
     assert NAME not in (tmp_path / "saved" / "config.json").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
