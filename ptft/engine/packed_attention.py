@@ -12,9 +12,9 @@ sample goes through SDPA on its own with is_causal=True: the same causal softmax
 keys as the mask gives, so the same results, at the cost of the samples' own lengths. This is
 what FlashAttention's variable-length kernels do on GPUs, where transformers' flash_attention_2
 and position ids give it; GPU runs keep the masked SDPA here (a loop of small launches would
-not pay there). So do bf16 runs on a CPU: SDPA's bf16 kernels there are generated per shape
-(oneDNN), and each new sample length generates new ones: measured in a training run (new
-batches every step), the SFT step got 29% slower and peak RSS doubled. Without
+not pay there). So do bf16 runs on a CPU: SDPA's bf16 kernel there is slow on small shapes
+and keeps memory for each new one (one sample at a time through 200 lengths: 5x the fp32 time,
+2 GB RSS); in a training run the SFT step got 29% slower and peak RSS doubled. Without
 `packed_segments` (pre-training, evaluation of unpacked data) this is transformers' SDPA
 attention unchanged.
 
