@@ -3,8 +3,9 @@
 A packed row holds several samples; a block-diagonal causal mask keeps each one attending only
 to itself. SDPA with an explicit mask cannot skip the masked blocks: it computes the whole
 (seq x seq) score matrix of every row, though a row of five 100-token samples needs about a
-fifth of the causal half of it. On a CPU, attention is then the largest cost of an SFT step
-(llama-small, seq 512: ~40% of it, at a third of the matmul rate).
+fifth of the causal half of it. On a CPU the SDPA kernel runs at about a third of the matmul
+rate, so attention is a large share of an SFT step (llama-tiny, seq 512, fp32: the step went
+0.308 -> 0.247 s without the masked blocks).
 
 Here, for batches that carry their sample boundaries (`packed_segments`: per row, the
 (start, end) of each sample; the padding after them gets zeros, which nothing reads), each
