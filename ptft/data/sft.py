@@ -181,7 +181,7 @@ class PackedSFT:
         labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
         positions = torch.zeros((B, width), dtype=torch.long)
         segment = torch.full((B, width), -1, dtype=torch.long)
-        for b, (ids, targets, pos, seg) in enumerate(rows):
+        for b, (ids, targets, pos, seg, _) in enumerate(rows):
             n = len(ids)
             input_ids[b, :n], labels[b, :n] = ids, targets
             positions[b, :n], segment[b, :n] = pos, seg
@@ -194,12 +194,14 @@ class PackedSFT:
         same = segment[:, :, None] == segment[:, None, :]
         causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
         mask = (same & causal) | torch.eye(width, dtype=torch.bool)
-        spans = tuple(_spans(self.sequences[i], self.offsets) for i in indices)
+        spans = tuple(row[4] for row in rows)  # each sample's (start, end), for the attention
         return Batch({"input_ids": input_ids, "position_ids": positions,
                       "attention_mask": mask[:, None]}, labels, num_targets, spans)
 
     def _sequence(self, members: list[int]):
-        ids, targets, pos, seg = [], [], [], []
+        """One row's inputs, targets, positions and sample index per token, and each sample's
+        (start, end) in it."""
+        ids, targets, pos, seg, spans = [], [], [], [], []
         for s, i in enumerate(members):
             start, end = self.offsets[i], self.offsets[i + 1]
             tokens = torch.from_numpy(self.tokens[start:end].astype(np.int64))
@@ -209,15 +211,7 @@ class PackedSFT:
             targets.append(torch.where(trains[1:], tokens[1:], IGNORE_INDEX))
             pos.append(torch.arange(n))
             seg.append(torch.full((n,), s))
-        return torch.cat(ids), torch.cat(targets), torch.cat(pos), torch.cat(seg)
+            begin = spans[-1][1] if spans else 0
+            spans.append((begin, begin + n))
+        return torch.cat(ids), torch.cat(targets), torch.cat(pos), torch.cat(seg), tuple(spans)
 
-
-def _spans(members: list[int], offsets) -> tuple[tuple[int, int], ...]:
-    """(start, end) of each sample of a packed sequence (a sample of n + 1 tokens gives n
-    inputs, as in PackedSFT._sequence)."""
-    spans, start = [], 0
-    for i in members:
-        end = start + int(offsets[i + 1] - offsets[i]) - 1
-        spans.append((start, end))
-        start = end
-    return tuple(spans)
