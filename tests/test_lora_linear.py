@@ -1,5 +1,6 @@
-"""ptft's in-place LoRA layer against peft's own: the same outputs and gradients, peft's path
-wherever it is not plain LoRA, and adapters that plain peft loads."""
+"""ptft's LoRA layer against peft's own: the same outputs and gradients on the merged-weight
+training path and the in-place one, peft's path wherever it is not plain LoRA, and adapters
+that plain peft loads."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from ptft.methods.lora_linear import InPlaceLoraLinear, use_in_place_lora
+from ptft.methods.lora_linear import FastLoraLinear, use_fast_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -29,7 +30,7 @@ def _pair(**lora):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora)
     theirs = get_peft_model(copy.deepcopy(base), config)
     ours_config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora)
-    use_in_place_lora(ours_config)
+    use_fast_lora(ours_config)
     ours = get_peft_model(base, ours_config)
     with torch.no_grad():  # B starts at zero: give the update something to add
         for p in theirs.parameters():
@@ -55,7 +56,9 @@ IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
 def test_same_loss_and_gradients_as_peft(dtype):
     theirs, ours = _pair()
     layer = ours.get_base_model().model.layers[0].mlp.up_proj
-    assert type(layer) is InPlaceLoraLinear
+    assert type(layer) is FastLoraLinear
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        assert "MergedWeightLora" in type(layer(torch.randn(3, 32)).grad_fn).__name__
     want_loss, want = _loss_and_grads(theirs, IDS, dtype)
     got_loss, got = _loss_and_grads(ours, IDS, dtype)
     # fp32: the scaled update is rounded once instead of twice; bf16: both round to bf16
@@ -65,6 +68,26 @@ def test_same_loss_and_gradients_as_peft(dtype):
     for name, grad in want.items():
         assert torch.allclose(got[name], grad, rtol=tolerance,
                               atol=tolerance * grad.abs().max().item()), name
+
+
+def test_evaluation_and_dropout_take_the_in_place_path():
+    theirs, ours = _pair()
+    layer = ours.get_base_model().model.layers[0].mlp.up_proj
+    with torch.no_grad():
+        assert layer(torch.randn(3, 32)).grad_fn is None
+        assert torch.allclose(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits,
+                              atol=1e-6)
+    # dropout applies to the update's input only: no merged weight can express it
+    theirs, ours = _pair(lora_dropout=0.5)
+    layer = ours.get_base_model().model.layers[0].mlp.up_proj
+    assert "MergedWeightLora" not in type(layer(torch.randn(3, 32)).grad_fn).__name__
+    torch.manual_seed(2)  # the same dropout masks on both sides
+    want_loss, want = _loss_and_grads(theirs, IDS)
+    torch.manual_seed(2)
+    got_loss, got = _loss_and_grads(ours, IDS)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5)
+    for name, grad in want.items():
+        assert torch.allclose(got[name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item())
 
 
 def test_merged_disabled_and_dora_take_peft_forward():

@@ -33,14 +33,14 @@ def _peft_config(model: torch.nn.Module, cfg, task: str):
     # GPT-2 stores its linear layers transposed (Conv1D); peft must be told.
     fan_in_fan_out = model_type == "gpt2"
     if cfg.name == "lora":
-        from ptft.methods.lora_linear import use_in_place_lora
+        from ptft.methods.lora_linear import use_fast_lora
 
         targets = cfg.target_modules or LORA_TARGETS.get(model_type, "all-linear")
         config = LoraConfig(task_type=_task_type(task), r=cfg.r, lora_alpha=cfg.alpha,
                             lora_dropout=cfg.dropout, target_modules=targets,
                             use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
                             fan_in_fan_out=fan_in_fan_out)
-        use_in_place_lora(config)
+        use_fast_lora(config)
         return config
     if cfg.name == "ia3":
         return IA3Config(task_type=_task_type(task), target_modules=cfg.target_modules,
