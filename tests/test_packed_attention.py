@@ -1,5 +1,6 @@
 """Packed SFT attention sample by sample: the same losses and gradients as the block-diagonal
-mask (and as unpacked samples), not read from the mask at all, and nothing of it saved."""
+mask (and as unpacked samples), not read from the mask at all, in fp32 under autocast, and
+nothing of it saved."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from ptft.config.schema import DataConfig, PromptTuningMethodConfig
 from ptft.data.batches import IGNORE_INDEX
 from ptft.data.sft import PackedSFT, save_samples, tokenize_sft
 from ptft.engine.objective import accumulate_gradients, loss_sum
-from ptft.engine.packed_attention import NAME, use_packed_attention, uses_packed_attention
+from ptft.engine.packed_attention import (NAME, packed_sdpa_attention, use_packed_attention,
+                                         uses_packed_attention)
 from ptft.methods import apply_method
 from tests.test_sft import records, tokenizer  # noqa: F401 (tokenizer: a fixture)
 
@@ -54,7 +56,7 @@ def test_same_loss_and_gradients_as_the_mask(tmp_path, tokenizer, kv_heads):
     assert any(len(spans) > 1 for spans in batch.segments)  # rows hold several samples
     masked = _model(tokenizer, kv_heads)
     packed = copy.deepcopy(masked)
-    assert use_packed_attention(packed, CPU, None) and uses_packed_attention(packed)
+    assert use_packed_attention(packed, CPU) and uses_packed_attention(packed)
     assert not uses_packed_attention(masked)
     with torch.no_grad():
         want, got = loss_sum(masked, batch, "lm"), loss_sum(packed, batch, "lm")
@@ -76,7 +78,7 @@ def test_same_loss_and_gradients_as_the_mask(tmp_path, tokenizer, kv_heads):
 def test_same_per_sample_losses_as_unpacked(tmp_path, tokenizer):
     packed_data, unpacked_data = (_dataset(tmp_path, tokenizer, p) for p in (True, False))
     model = _model(tokenizer)
-    use_packed_attention(model, CPU, None)
+    use_packed_attention(model, CPU)
 
     def losses(data):
         batch = data.collate(range(len(data)))
@@ -111,16 +113,44 @@ def _spans(data, batch):
         yield row
 
 
-def test_not_for_prompt_tuning_gpus_bf16_or_other_attention(tokenizer, tmp_path):
+def test_samples_attend_in_fp32_under_autocast(tmp_path, tokenizer):
+    """bf16 autocast would run SDPA in bf16 (slow on a CPU for small shapes): the packed
+    attention computes in fp32 and hands back the autocast dtype."""
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 2, 12, 8, dtype=torch.bfloat16) for _ in range(3))
+    segments = (((0, 5), (5, 12)), ((0, 9),))
+    module = _model(tokenizer).model.layers[0].self_attn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = packed_sdpa_attention(module, query, key, value, None, segments, scaling=0.3)
+    want, _ = packed_sdpa_attention(module, query.float(), key.float(), value.float(), None,
+                                    segments, scaling=0.3)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.to(torch.bfloat16))
+    # and a bf16 training step through it gives the masked model's loss and gradients
+    data = _dataset(tmp_path, tokenizer, True)
+    batch = data.collate(range(len(data)))
+    masked = _model(tokenizer)
+    packed = copy.deepcopy(masked)
+    use_packed_attention(packed, CPU)
+    masked.zero_grad(set_to_none=True)
+    packed.zero_grad(set_to_none=True)
+    want_loss, _ = accumulate_gradients(masked, [batch], "lm", CPU, torch.bfloat16)
+    got_loss, _ = accumulate_gradients(packed, [batch], "lm", CPU, torch.bfloat16)
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-2, atol=0)
+    for (name, p), q in zip(masked.named_parameters(), packed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0.1, atol=0.02 * p.grad.abs().max().item(),
+                                   msg=name)
+
+
+def test_not_for_prompt_tuning_gpus_or_other_attention(tokenizer, tmp_path):
     prompt = apply_method(_model(tokenizer), PromptTuningMethodConfig(), "lm")
-    assert not use_packed_attention(prompt, CPU, None)
-    assert not use_packed_attention(_model(tokenizer), torch.device("cuda"), None)
-    assert not use_packed_attention(_model(tokenizer), CPU, torch.bfloat16)
+    assert not use_packed_attention(prompt, CPU)
+    assert not use_packed_attention(_model(tokenizer), torch.device("cuda"))
     eager = _model(tokenizer)
     eager.set_attn_implementation("eager")
-    assert not use_packed_attention(eager, CPU, None)
+    assert not use_packed_attention(eager, CPU)
     model = _model(tokenizer)
-    use_packed_attention(model, CPU, None)
+    use_packed_attention(model, CPU)
     model.save_pretrained(tmp_path / "saved")
     assert NAME not in (tmp_path / "saved" / "config.json").read_text()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")

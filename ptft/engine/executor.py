@@ -98,7 +98,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         store_frozen_projections_in(model, amp_dtype)  # before the move: half the transfer
         model = model.to(device)
         # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
-        packed_attention = not t.compile and use_packed_attention(model, device, amp_dtype)
+        packed_attention = not t.compile and use_packed_attention(model, device)
         total_params, trainable_params = count_parameters(model)
         if world.distributed and t.strategy == Strategy.fsdp and cfg.method.name != "full":
             raise UsageError("train.strategy=fsdp shards whole models: use it with method=full, "
