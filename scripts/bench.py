@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     base = _base_model(workdir, args) if any(WORKLOADS[w][0] == "finetune"
                                               for w in workloads) else None
     meta["peak_flops"] = {p: _peak(p) for p in precisions}
+    meta["matmul_before"] = {p: _matmul_now(p) for p in precisions}
     runs: list[dict] = []
     for repeat in range(args.repeats):
         for workload in workloads:
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"mfu {fmt(result.get('mfu'), '{:.3f}')}" if result.get("ok")
                              else f"FAILED: {result.get('error')}"), flush=True)
     meta["load_after"] = _load_average()
+    meta["matmul_after"] = {p: _matmul_now(p) for p in precisions}
     rows = summarise(runs, workloads, precisions)
     print()
     print(table(rows, meta))
@@ -217,6 +219,19 @@ def _peak(precision: str) -> float | None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device_peak_flops(device, torch.bfloat16 if precision == "bf16" else None)
+
+
+def _matmul_now(precision: str) -> float | None:
+    """The CPU's matmul FLOP/s right now (the probe behind the peak, taken afresh, not cached).
+    The peak is cached from a quiet moment; on a shared machine the matmul rate at the time of
+    a run can be well below it, and every MFU of the run with it. None on a GPU."""
+    import torch
+
+    from ptft.engine.flops import cpu_matmul_probe
+
+    if torch.cuda.is_available():
+        return None
+    return cpu_matmul_probe(torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
 def _run_worker(spec: dict, workdir: Path, timeout: int) -> dict:

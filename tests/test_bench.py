@@ -39,6 +39,10 @@ def test_smoke_run_prints_the_table_and_writes_both_sides(tmp_path, cache_dir):
         assert run["padding"] == 0  # pre-training blocks: no padding on either side
     ptft_row = next(r for r in results["rows"] if r["side"] == "ptft")
     assert ptft_row["ratio"] > 0 and results["meta"]["peak_flops"] == {"fp32": 1e11}
+    # the machine's matmul rate at the time, next to the (given or cached) peak
+    meta = results["meta"]
+    assert meta["matmul_before"]["fp32"] > 1e8 and meta["matmul_after"]["fp32"] > 1e8
+    assert "matmul probe taken afresh, GFLOP/s before / after the runs: fp32 " in proc.stdout
 
 
 def test_compare_prints_the_change():
