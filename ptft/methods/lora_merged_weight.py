@@ -21,6 +21,8 @@ matmuls it saves, so those keep the per-token path (ptft/methods/lora_linear.py)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +40,14 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _autocast_off(device_type: str):
+    """The dtypes here are chosen explicitly, so autocast must not cast again (the merge in
+    particular is computed once, in the matmul's dtype)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _merged(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.addmm(weight.to(dtype), lora_B.to(dtype), lora_A.to(dtype), alpha=scaling)
 
@@ -46,9 +56,7 @@ class _MergedWeightLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         dtype = _matmul_dtype(x)
-        # The dtypes are chosen here, so autocast must not cast again (the merge in particular
-        # is computed once, in the matmul's dtype).
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             out = F.linear(x.to(dtype), _merged(weight, lora_A, lora_B, scaling, dtype),
                            None if bias is None else bias.to(dtype))
         # The merged weight is not kept: backward forms it again (weight-sized, cheap), which
@@ -62,7 +70,7 @@ class _MergedWeightLora(torch.autograd.Function):
         x, weight, lora_A, lora_B = ctx.saved_tensors
         scaling, dtype = ctx.scaling, ctx.dtype
         grad_x = grad_A = grad_B = None
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             grads = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
             inputs = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, in)
