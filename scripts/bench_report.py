@@ -67,11 +67,11 @@ def table(rows: list[dict], meta: dict) -> str:
                  f"denominator): {peaks}; load average {meta['load_before']} before, "
                  f"{meta.get('load_after')} after; torch {meta['torch']}, transformers "
                  f"{meta['transformers']}")
-    if any((meta.get("matmul_before") or {}).values()):
-        now = ", ".join(
-            f"{p} {fmt(v and v / 1e9, '{:,.0f}')} / "
-            f"{fmt((meta.get('matmul_after') or {}).get(p) and meta['matmul_after'][p] / 1e9, '{:,.0f}')}"
-            for p, v in meta["matmul_before"].items())
+    before, after = meta.get("matmul_before") or {}, meta.get("matmul_after") or {}
+    if any(before.values()):
+        def gflops(value):
+            return fmt(value and value / 1e9, "{:,.0f}")
+        now = ", ".join(f"{p} {gflops(v)} / {gflops(after.get(p))}" for p, v in before.items())
         lines.append(f"matmul probe taken afresh, GFLOP/s before / after the runs: {now} "
                      "(below the peak when other work shares the machine: MFU falls with it)")
     return "\n".join(lines)

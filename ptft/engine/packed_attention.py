@@ -19,9 +19,10 @@ transformers' SDPA attention unchanged.
 The samples attend in fp32 whatever the autocast dtype: autocast would run SDPA in bf16, and
 the CPU's bf16 kernel is slow on small shapes and keeps memory for each new one (one sample at
 a time through 200 lengths: 5x the fp32 time, 2 GB RSS). In fp32, llama-small SFT under bf16
-autocast (8 x 512 tokens, forward and backward) went from 1.73 to 1.45 s (full fine-tuning),
-1.46 to 1.20 s (LoRA) and 1.33 to 1.03 s (adapters) against the masked bf16 SDPA; the fp32
-copies of queries, keys and values that backward keeps cost LoRA ~10% more peak RSS there.
+autocast (8 x 512 tokens, one harness run each) went from a 1.75 to a 1.57 s step (full
+fine-tuning), 1.49 to 1.19 s (LoRA) and 1.31 to 1.01 s (adapters) against the masked bf16
+SDPA; the fp32 copies of queries, keys and values that backward keeps cost LoRA 16% more peak
+RSS there (still 0.85x of full fine-tuning's).
 
 Registered with transformers as the attention implementation "ptft_packed_sdpa"; a saved model
 does not record it (config.json holds no attention implementation).
