@@ -190,8 +190,10 @@ class LoraMethodConfig:
     """Dropout on the LoRA input. Off by default, as in peft and torchtune's recipes: peft
     applies it separately to every adapted projection, which costs a copy of the input kept
     for backward and a random mask each time (measured on llama-small, fp32: step 1.09x full
-    fine-tuning with 0.05, 0.84x with 0; peak RSS 3.9 GB vs 3.2 GB). Try 0.05-0.1 against
-    overfitting on small datasets."""
+    fine-tuning with 0.05, 0.84x with 0; peak RSS 3.9 GB vs 3.2 GB), and a merged weight
+    cannot express it, so with dropout LoRA trains without ptft's merged-weight path
+    (ptft/methods/lora_merged_weight.py; 0.77x with 0 since). Try 0.05-0.1 against overfitting
+    on small datasets."""
     target_modules: Optional[list[str]] = None
     """Module names to adapt. null: every linear layer of the attention and feed-forward
     blocks, by architecture (Llama: q/k/v/o/gate/up/down_proj; GPT-2: c_attn, c_proj, c_fc;
