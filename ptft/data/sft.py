@@ -214,4 +214,3 @@ class PackedSFT:
             begin = spans[-1][1] if spans else 0
             spans.append((begin, begin + n))
         return torch.cat(ids), torch.cat(targets), torch.cat(pos), torch.cat(seg), tuple(spans)
-
