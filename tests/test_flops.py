@@ -17,8 +17,8 @@ from ptft.data.batches import IGNORE_INDEX, Batch
 from ptft.engine import flops as flops_module
 from ptft.engine import fused_loss, objective
 from ptft.engine.executor import _activation_checkpointing, execute
-from ptft.engine.flops import (TrainingFlops, device_peak_flops, gpu_peak_flops, input_tokens,
-                               mfu, training_flops)
+from ptft.engine.flops import (TrainingFlops, cpu_matmul_probe, device_peak_flops,
+                               gpu_peak_flops, input_tokens, mfu, training_flops)
 from ptft.methods import apply_method
 from tests.conftest import TINY
 
@@ -94,6 +94,16 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert device_peak_flops("cpu", torch.float32, tmp_path) == 123.0
     monkeypatch.setenv(flops_module.PEAK_ENV, "5e11")
     assert device_peak_flops("cpu", torch.float32, tmp_path) == 5e11
+
+
+def test_cpu_probe_leaves_the_seeded_random_numbers_alone():
+    # The probe runs after the run is seeded, and only when no peak is cached: drawing from the
+    # global generator would make dropout (and everything random after it) depend on the cache.
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    cpu_matmul_probe(torch.float32, size=64, budget_s=0.01)
+    assert torch.equal(torch.rand(4), expected)
 
 
 # ---- losses ------------------------------------------------------------------------------

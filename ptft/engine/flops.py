@@ -191,8 +191,11 @@ def cpu_matmul_probe(dtype: torch.dtype = torch.float32, size: int = 2048,
                      budget_s: float = 0.8, max_repeats: int = 8) -> float:
     """Best-of-N FLOP/s of a square `size` matmul on the CPU with the current thread count:
     a short (< 2 s) stand-in for the peak that a training step's matmuls can reach."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    # A generator of its own: the probe runs after the run is seeded, and only when no peak is
+    # cached, so drawing from the global one would make the run's dropout depend on the cache.
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
     out = torch.empty(size, size, dtype=dtype)
     torch.matmul(a, b, out=out)  # warm-up: thread pool, kernel selection
     best = float("inf")
