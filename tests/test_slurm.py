@@ -26,6 +26,8 @@ SCRIPTS = REPO / "scripts" / "slurm"
 # A run long enough to be signalled mid-way (a metrics row every step, few evaluations).
 LONG = [*(o for o in TINY if not o.startswith("train.max_steps=")), "train.log_every=1",
         "train.save_every=100", "train.eval_every=1000"]
+# One cluster for all of these: under pytest-xdist they run on the same worker.
+pytestmark = pytest.mark.xdist_group("slurm")
 
 
 @pytest.fixture(scope="session")
