@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, run_ptft
+from ptft.engine import distributed
 from slurm_cluster import LocalCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +119,43 @@ def test_submit_checks_overrides_and_needs_sbatch(tmp_path, cache_dir):
     assert list(tmp_path.iterdir()) == []
 
 
+SRUN_TASK = {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0",
+             "SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "gpu[07-08]",
+             "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.99"}
+NODE_LISTS = ["gpu[07-09,12],cpu1", "rack[2-3]-n[1-4]", "node01", "a,b", "x[001-004]",
+              "c1,c[2-3]"]
+
+
+@pytest.mark.parametrize("preset", [{}, {"MASTER_ADDR": "head", "MASTER_PORT": "29500"},
+                                    {"SLURM_STEP_NODELIST": None}])
+def test_an_srun_task_gets_torchrun_names_and_rank_zeros_node(monkeypatch, preset):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "SLURM_JOB_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {**SRUN_TASK, **preset}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    distributed._slurm_to_torchrun_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == \
+        ("2", "4", "0")
+    if "MASTER_ADDR" in preset:  # the batch scripts export them: kept
+        assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "29500")
+    elif "SLURM_STEP_NODELIST" in preset:  # no node list (an old SLURM): the launching node
+        assert os.environ["MASTER_ADDR"] == "10.0.0.99"
+    else:  # rank 0's node, not the launching one (a login node, outside the allocation)
+        assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu07", "21234")
+
+
 # ---- a real cluster -----------------------------------------------------------------------
+
+def test_first_node_of_a_node_list_agrees_with_scontrol(slurm):
+    for nodes in NODE_LISTS:
+        expanded = subprocess.run(["scontrol", "show", "hostnames", nodes], env=slurm.env,
+                                  capture_output=True, text=True, check=True).stdout.split()
+        assert distributed.first_node(nodes) == expanded[0], nodes
+
 
 def test_submitted_job_trains_and_writes_its_run_dir(slurm, tmp_path, cache_dir):
     result = run_ptft("submit", "--gpus-per-node", "0", "--time", "5", *TINY,

@@ -7,6 +7,7 @@ then, so the executor has no second code path.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -75,8 +76,21 @@ def _slurm_to_torchrun_env() -> None:
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    # Rank 0 runs on the first node of the step (srun places tasks in node order). Not the
+    # node srun was launched from: from a login node, that one is outside the allocation.
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    os.environ.setdefault("MASTER_ADDR", first_node(nodes) if nodes else
+                          os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def first_node(nodelist: str) -> str:
+    """The first host of a SLURM node list, as `scontrol show hostnames | head -n 1` prints it:
+    "gpu[07-09,12],cpu1" -> "gpu07", "rack[2-3]-n[1-4]" -> "rack2-n1"."""
+    # The first entry: up to the first comma outside brackets.
+    entry = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    # Each bracketed range list: its first value, zero padding kept.
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], entry)
 
 
 def init_world() -> World:
