@@ -6,6 +6,7 @@ torch and transformers are imported inside the commands that train, so `ptft --h
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import typer
@@ -343,6 +344,8 @@ class _usage_errors:
         codes = {UsageError: EXIT_USAGE, Preempted: EXIT_PREEMPTED, TrainingFailed: EXIT_FAILURE}
         for kind, code in codes.items():
             if exc_type is not None and issubclass(exc_type, kind):
+                if kind is Preempted and os.environ.get("RANK", "0") != "0":
+                    raise typer.Exit(code)  # every rank stops together: rank 0 says so once
                 label = "stopped" if kind is Preempted else "error"
                 err_console.print(f"[red]{label}:[/] {escape(str(exc))}", highlight=False)
                 raise typer.Exit(code)

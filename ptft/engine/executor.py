@@ -37,7 +37,7 @@ from ptft.engine.packed_attention import use_packed_attention
 from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import checkpoint_config, compare_configs, find_checkpoint, truncate_metrics
 from ptft.engine.rundir import create_run_dir
-from ptft.engine.signals import StopRequests
+from ptft.engine.signals import StopRequests, ignore_launcher_stop
 from ptft.errors import Preempted, TrainingFailed, UsageError, redact_secrets
 from ptft.methods import apply_method, save_final
 from ptft.models import build_model, check_model_path, count_parameters, load_model, resolve_latest
@@ -244,6 +244,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                                     f"saved to {path}. Run the same command with "
                                     f"run.dir={run_dir} to resume.")
     except (Preempted, TrainingFailed, KeyboardInterrupt) as err:
+        if isinstance(err, Preempted) and world.distributed:
+            ignore_launcher_stop()
         progress.close()
         metrics.close()
         status = "preempted" if isinstance(err, Preempted) else "failed"

@@ -28,3 +28,11 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_launcher_stop() -> None:
+    """For a rank that has saved its checkpoint and is on its way out: once one rank exits,
+    torchrun stops the others with SIGTERM, which would cut their exit short (rank 0 has still
+    to say where the checkpoint is, and would exit -15 instead of 75)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
