@@ -7,8 +7,9 @@
   bit-identical to an uninterrupted FSDP run.
 * SIGTERM to one rank stops every rank at the same step boundary, after a complete
   checkpoint, each rank exiting 75. torchrun itself then exits 1 (any failed worker makes it
-  exit 1; its failure report lists each rank's own code: 75, or -15 for a rank it stopped with
-  SIGTERM on seeing the first 75). Under srun, whose exit status is the highest of its tasks',
+  exit 1; its failure report lists each rank's own code, 75: the SIGTERM it sends the other
+  ranks on seeing the first 75 finds them saved and exiting), and only rank 0 prints the
+  'stopped' line. Under srun, whose exit status is the highest of its tasks',
   the batch script sees 75 (tests/test_slurm.py).
 """
 
