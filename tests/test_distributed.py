@@ -2,7 +2,7 @@
 
 * DDP on 2 processes x batch 4 follows the same loss curve and ends with the same weights as
   1 process x batch 8 (the loss is normalised by the global number of target tokens);
-  the same for LoRA fine-tuning.
+  the same for LoRA fine-tuning, and for LoRA and adapters under FSDP2.
 * FSDP2 on 2 processes trains; killed (SIGKILL, no handler runs) and resumed, it ends
   bit-identical to an uninterrupted FSDP run.
 * SIGTERM to one rank stops every rank at the same step boundary, after a complete
@@ -34,8 +34,7 @@ COMPARE = [*TINY, "train.max_steps=12", "train.log_every=1", "train.eval_batches
            "train.precision=fp32"]
 SFT = ["data=docstrings", "data.max_documents=120", "data.eval_fraction=0.3",
        "train.seq_len=384", "train.max_steps=8", "train.log_every=1", "train.eval_every=4",
-       "train.eval_batches=0", "train.warmup_steps=2", "method=lora", "method.dropout=0",
-       "train.precision=fp32"]
+       "train.eval_batches=0", "train.warmup_steps=2", "train.precision=fp32"]
 FSDP = [*TINY, "train.strategy=fsdp", "train.max_steps=40", "train.save_every=5",
         "train.log_every=1", "train.eval_every=10"]
 
@@ -112,16 +111,25 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(single_p
                          single_pretrain / "final" / "model.safetensors")
 
 
-def test_ddp_lora_matches_one_process(single_pretrain, work, cache_dir):
-    base = f"model.path={single_pretrain / 'final'}"
-    run(1, "finetune", *SFT, base, "train.batch_size=4", "run.dir=lora1", cwd=work,
-        cache=cache_dir)
-    result = run(2, "finetune", *SFT, base, "train.batch_size=2", "run.dir=lora2", cwd=work,
-                 cache=cache_dir)
-    assert "x 2 processes (ddp)" in result.stdout
-    assert_close_rows(work / "lora2", work / "lora1")
-    assert_close_weights(work / "lora2" / "final" / "adapter_model.safetensors",
-                         work / "lora1" / "final" / "adapter_model.safetensors")
+@pytest.mark.parametrize("method, strategy", [("lora", "ddp"), ("lora", "fsdp"),
+                                              ("adapter", "fsdp")])
+def test_lora_and_adapters_on_two_processes_match_one(method, strategy, single_pretrain, work,
+                                                       cache_dir):
+    # FSDP shards the frozen base weights with the trained ones; final/ holds the gathered
+    # adapter weights, written by rank 0.
+    sft = [*SFT, f"method={method}",
+           *(["method.dropout=0"] if method == "lora" else []),
+           f"model.path={single_pretrain / 'final'}"]
+    one, two = work / f"{method}-1", work / f"{method}-2-{strategy}"
+    if not one.exists():
+        run(1, "finetune", *sft, "train.batch_size=4", f"run.dir={one.name}", cwd=work,
+            cache=cache_dir)
+    result = run(2, "finetune", *sft, "train.batch_size=2", f"train.strategy={strategy}",
+                 f"run.dir={two.name}", cwd=work, cache=cache_dir)
+    assert f"x 2 processes ({strategy})" in result.stdout
+    assert_close_rows(two, one)
+    assert_close_weights(two / "final" / "adapter_model.safetensors",
+                         one / "final" / "adapter_model.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from ptft.config.schema import OnNonFinite, RootConfig, Strategy
+from ptft.config.schema import OnNonFinite, RootConfig
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
 from ptft.engine.allocator import keep_freed_memory
@@ -100,9 +100,6 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
         packed_attention = not t.compile and use_packed_attention(model, device)
         total_params, trainable_params = count_parameters(model)
-        if world.distributed and t.strategy == Strategy.fsdp and cfg.method.name != "full":
-            raise UsageError("train.strategy=fsdp shards whole models: use it with method=full, "
-                             f"or train method={cfg.method.name} with train.strategy=ddp.")
         _activation_checkpointing(model, t.activation_checkpointing)
         flops = training_flops(model, t.seq_len)
         model = wrap_model(model, world, t.strategy.value, device, amp_dtype)

@@ -1,7 +1,7 @@
 """Training methods: what part of a model trains and how the result is saved.
 
 Each method module has apply(model, cfg, task) (before training) and save_final(model,
-tokenizer, path) (after); the training loop is the same for all of them.
+tokenizer, path, state_dict) (after); the training loop is the same for all of them.
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ def apply_method(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
 
 def save_final(model: torch.nn.Module, tokenizer, path: Path, cfg,
                state_dict: dict | None = None) -> None:
-    """Write final/. `state_dict`: the gathered weights of a sharded (FSDP) model."""
-    if state_dict is not None and cfg.name == "full":
-        model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
-    else:
-        _METHODS[cfg.name].save_final(model, tokenizer, path)
+    """Write final/. `state_dict`: the whole weights of a sharded (FSDP) model, gathered (its
+    own parameters are shards then); None: the model's own."""
+    _METHODS[cfg.name].save_final(model, tokenizer, path, state_dict)
     tokenizer.save_pretrained(path)

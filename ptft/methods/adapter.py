@@ -225,8 +225,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in _unwrap(model).named_parameters() if p.requires_grad}
 
 
-def save_final(model: nn.Module, tokenizer, path: Path) -> None:
-    """Write the adapter directory (weights + config). The caller saves the tokenizer."""
+def save_final(model: nn.Module, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """Write the adapter directory (weights + config). The caller saves the tokenizer.
+    `state_dict`: the whole weights of a sharded model, keyed like its named_parameters."""
     from safetensors.torch import save_file
 
     target = _unwrap(model)
@@ -235,8 +236,8 @@ def save_final(model: nn.Module, tokenizer, path: Path) -> None:
         raise ValueError("save_final: the model has no adapters (apply() was not called).")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().to("cpu").contiguous().clone()
-               for name, p in adapter_state(target).items()}
+    tensors = {name: (p if state_dict is None else state_dict[name]).detach().to("cpu")
+               .contiguous().clone() for name, p in adapter_state(target).items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     config = getattr(target, "config", None)
     info = {**dataclasses.asdict(cfg),

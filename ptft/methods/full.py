@@ -12,5 +12,5 @@ def apply(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
     return model
 
 
-def save_final(model, tokenizer, path: Path) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)

@@ -59,5 +59,6 @@ def apply(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
                          "method.target_modules against the model's module names.") from None
 
 
-def save_final(model, tokenizer, path: Path) -> None:
-    model.save_pretrained(path, safe_serialization=True)
+def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    # peft picks its adapter's weights out of `state_dict` (keys as in model.state_dict()).
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
