@@ -23,6 +23,19 @@ TINY_DATA = ["data=python-docs", "data.max_documents=24", "data.eval_fraction=0.
 TINY = TINY_MODEL + TINY_TRAIN + TINY_DATA
 
 
+def tiny_llama(seed: int = 0, **config):
+    """A randomly initialised Llama with SDPA attention, the same for the same `seed`: 2 layers,
+    hidden size 32, unless `config` (LlamaConfig fields) says otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    shape = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**{**shape, **config}),
+                                            attn_implementation="sdpa")
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One data cache for the whole session, so tokenizers are trained once."""

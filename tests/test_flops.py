@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ptft.config.compose import compose, to_object
 from ptft.config.schema import AdapterMethodConfig, LoraMethodConfig
@@ -21,16 +20,15 @@ from ptft.engine.flops import (TrainingFlops, cpu_matmul_probe, device_peak_flop
                                gpu_peak_flops, input_tokens, mfu, training_flops)
 from ptft.methods import apply_method
 from tests.conftest import TINY
+from tests.conftest import tiny_llama as shared_tiny_llama
 
 V, D, L, H, KV, I, T = 320, 32, 2, 4, 2, 64, 16  # vocab, hidden, layers, heads, kv heads, ffn, seq
 
 
 def tiny_llama(seed: int = 0, tied: bool = True):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
-                         num_attention_heads=H, num_key_value_heads=KV,
-                         tie_word_embeddings=tied)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return shared_tiny_llama(seed, vocab_size=V, hidden_size=D, intermediate_size=I,
+                             num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=KV,
+                             tie_word_embeddings=tied)
 
 
 # ---- FLOPs per token ---------------------------------------------------------------------

@@ -7,21 +7,14 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
+from conftest import tiny_llama
 from ptft.config.schema import (AdapterMethodConfig, FullMethodConfig, IA3MethodConfig,
                                 LoraMethodConfig)
 from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.methods import apply_method
 
 METHODS = {"lora": LoraMethodConfig(), "adapter": AdapterMethodConfig(), "ia3": IA3MethodConfig()}
-
-
-def _tiny_llama(tied: bool):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, tie_word_embeddings=tied)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
 def _trained(model):
@@ -44,7 +37,7 @@ def _loss_and_grads(model, ids):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_results_are_bit_for_bit_the_same(method, tied):
-    model = _trained(apply_method(_tiny_llama(tied), METHODS[method], "lm"))
+    model = _trained(apply_method(tiny_llama(tie_word_embeddings=tied), METHODS[method], "lm"))
     converted = copy.deepcopy(model)
     assert store_frozen_projections_in(converted, torch.bfloat16) > 0
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -58,7 +51,7 @@ def test_results_are_bit_for_bit_the_same(method, tied):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_only_frozen_unshared_projections_change(tied):
-    model = apply_method(_tiny_llama(tied), LoraMethodConfig(), "lm")
+    model = apply_method(tiny_llama(tie_word_embeddings=tied), LoraMethodConfig(), "lm")
     store_frozen_projections_in(model, torch.bfloat16)
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     frozen_projection = [n for n in dtypes if n.endswith("q_proj.base_layer.weight")]
@@ -73,11 +66,12 @@ def test_only_frozen_unshared_projections_change(tied):
 
 
 def test_nothing_changes_in_fp32_in_full_training_or_under_dora():
-    model = _tiny_llama(False)
+    model = tiny_llama(tie_word_embeddings=False)
     assert store_frozen_projections_in(model, None) == 0
-    full = apply_method(_tiny_llama(False), FullMethodConfig(), "lm")
+    full = apply_method(tiny_llama(tie_word_embeddings=False), FullMethodConfig(), "lm")
     assert store_frozen_projections_in(full, torch.bfloat16) == 0
-    dora = apply_method(_tiny_llama(False), LoraMethodConfig(use_dora=True), "lm")
+    dora = apply_method(tiny_llama(tie_word_embeddings=False), LoraMethodConfig(use_dora=True),
+                        "lm")
     store_frozen_projections_in(dora, torch.bfloat16)
     layer = dora.get_base_model().model.layers[0].self_attn.q_proj
     assert layer.get_base_layer().weight.dtype == torch.float32  # DoRA reads it: kept

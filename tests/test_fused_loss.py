@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
 
+from conftest import tiny_llama
 from ptft.config.schema import LoraMethodConfig, Precision, PromptTuningMethodConfig, TrainConfig
 from ptft.engine import fused_loss
 from ptft.engine.device import autocast_dtype, cpu_runs_bf16_natively
@@ -91,10 +91,7 @@ def test_fused_loss_is_exact_where_the_target_probability_underflows():
 
 
 def _tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return tiny_llama(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
 
 
 def test_chunked_loss_is_on_by_default_wherever_the_model_allows_it():

@@ -10,23 +10,16 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
-from transformers import AutoModelForCausalLM, LlamaConfig
 
+from conftest import tiny_llama
 from ptft.methods.lora_linear import FastLoraLinear, use_fast_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _base():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-
-
 def _pair(**lora):
     """The same base and LoRA weights twice: under peft's layer and under ours."""
-    base = _base()
+    base = tiny_llama()
     config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora)
     theirs = get_peft_model(copy.deepcopy(base), config)
     ours_config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, **lora)
@@ -107,7 +100,7 @@ def test_saved_adapter_loads_with_plain_peft(tmp_path):
     _, ours = _pair()
     ours.save_pretrained(tmp_path)
     assert "custom" not in (tmp_path / "adapter_config.json").read_text()
-    loaded = PeftModel.from_pretrained(_base(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert type(loaded.get_base_model().model.layers[0].mlp.up_proj) is PeftLoraLinear
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=IDS).logits, ours(input_ids=IDS).logits,

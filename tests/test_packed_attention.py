@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from ptft.config.schema import DataConfig, PromptTuningMethodConfig
 from ptft.data.batches import IGNORE_INDEX
@@ -20,18 +20,16 @@ from ptft.engine.objective import accumulate_gradients, loss_sum
 from ptft.engine.packed_attention import (NAME, packed_sdpa_attention, use_packed_attention,
                                          uses_packed_attention)
 from ptft.methods import apply_method
+from tests.conftest import tiny_llama
 from tests.test_sft import records, tokenizer  # noqa: F401 (tokenizer: a fixture)
 
 CPU = torch.device("cpu")
 
 
 def _model(tokenizer, kv_heads: int = 2):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=kv_heads,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return tiny_llama(vocab_size=320, num_key_value_heads=kv_heads,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=tokenizer.eos_token_id)
 
 
 def _dataset(tmp_path, tokenizer, packing: bool) -> PackedSFT:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -128,24 +129,25 @@ NODE_LISTS = ["gpu[07-09,12],cpu1", "rack[2-3]-n[1-4]", "node01", "a,b", "x[001-
 
 @pytest.mark.parametrize("preset", [{}, {"MASTER_ADDR": "head", "MASTER_PORT": "29500"},
                                     {"SLURM_STEP_NODELIST": None}])
-def test_an_srun_task_gets_torchrun_names_and_rank_zeros_node(monkeypatch, preset):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "SLURM_JOB_NODELIST"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {**SRUN_TASK, **preset}.items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    distributed._slurm_to_torchrun_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == \
-        ("2", "4", "0")
+def test_an_srun_task_gets_torchrun_names_and_rank_zeros_node(preset):
+    task = {name: value for name, value in {**SRUN_TASK, **preset}.items() if value is not None}
+    # A copy of the environment that is put back whole afterwards: RANK and WORLD_SIZE left
+    # behind would make every later ptft subprocess of this test process wait for its peers.
+    with mock.patch.dict(os.environ, task):
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_JOB_NODELIST",
+                     *(n for n in ("MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST")
+                       if n not in task)):
+            os.environ.pop(name, None)
+        distributed._slurm_to_torchrun_env()
+        env = dict(os.environ)
+    assert os.environ.get("RANK") != "2"  # put back
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("2", "4", "0")
     if "MASTER_ADDR" in preset:  # the batch scripts export them: kept
-        assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "29500")
+        assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("head", "29500")
     elif "SLURM_STEP_NODELIST" in preset:  # no node list (an old SLURM): the launching node
-        assert os.environ["MASTER_ADDR"] == "10.0.0.99"
+        assert env["MASTER_ADDR"] == "10.0.0.99"
     else:  # rank 0's node, not the launching one (a login node, outside the allocation)
-        assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu07", "21234")
+        assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu07", "21234")
 
 
 # ---- a real cluster -----------------------------------------------------------------------
