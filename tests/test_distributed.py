@@ -4,7 +4,7 @@
   1 process x batch 8 (the loss is normalised by the global number of target tokens);
   the same for LoRA fine-tuning, and for LoRA and adapters under FSDP2.
 * FSDP2 on 2 processes trains; killed (SIGKILL, no handler runs) and resumed, it ends
-  bit-identical to an uninterrupted FSDP run.
+  bit-identical to an uninterrupted FSDP run, for full training and for LoRA.
 * SIGTERM to one rank stops every rank at the same step boundary, after a complete
   checkpoint, each rank exiting 75. torchrun itself then exits 1 (any failed worker makes it
   exit 1; its failure report lists each rank's own code, 75: the SIGTERM it sends the other
@@ -62,6 +62,19 @@ def start(nproc: int, *args: str, cwd: Path, cache: Path) -> subprocess.Popen:
     return subprocess.Popen(_command(nproc, args), cwd=cwd, env=_env(cache), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
+
+
+def kill_everything(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks: nothing survives, nothing is flushed."""
+    ranks = workers(process.pid)
+    assert len(ranks) == 2
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun's group...
+    for pid in ranks:  # ...and each rank's own session
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.communicate()
 
 
 def workers(torchrun_pid: int) -> list[int]:
@@ -132,6 +145,20 @@ def test_lora_and_adapters_on_two_processes_match_one(method, strategy, single_p
                          one / "final" / "adapter_model.safetensors")
 
 
+def test_fsdp_lora_killed_and_resumed_is_bit_identical(single_pretrain, work, cache_dir):
+    sft = [*SFT, "method=lora", "method.dropout=0", "train.save_every=3",
+           f"model.path={single_pretrain / 'final'}", "train.strategy=fsdp"]
+    run(2, "finetune", *sft, "run.dir=fsdp-lora-straight", cwd=work, cache=cache_dir)
+    process = start(2, "finetune", *sft, "run.dir=fsdp-lora-killed", cwd=work, cache=cache_dir)
+    wait_for_step(work / "fsdp-lora-killed", 5, process)
+    kill_everything(process)
+    result = run(2, "finetune", *sft, "run.dir=fsdp-lora-killed", cwd=work, cache=cache_dir)
+    assert "resuming from" in result.stdout
+    assert rows(work / "fsdp-lora-killed") == rows(work / "fsdp-lora-straight")
+    assert_same_weights(work / "fsdp-lora-killed" / "final" / "adapter_model.safetensors",
+                        work / "fsdp-lora-straight" / "final" / "adapter_model.safetensors")
+
+
 @pytest.fixture(scope="module")
 def fsdp_straight(work, cache_dir) -> Path:
     result = run(2, "pretrain", *FSDP, "run.dir=fsdp-straight", cwd=work, cache=cache_dir)
@@ -142,15 +169,7 @@ def fsdp_straight(work, cache_dir) -> Path:
 def test_fsdp_killed_and_resumed_is_bit_identical(fsdp_straight, work, cache_dir):
     process = start(2, "pretrain", *FSDP, "run.dir=fsdp-killed", cwd=work, cache=cache_dir)
     wait_for_step(work / "fsdp-killed", 17, process)
-    ranks = workers(process.pid)
-    assert len(ranks) == 2
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun's group...
-    for pid in ranks:  # ...and each rank's own session: nothing survives, nothing is flushed
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.communicate()
+    kill_everything(process)
     assert json.loads((work / "fsdp-killed" / "summary.json").read_text())["status"] == "running"
     assert list((work / "fsdp-killed" / "checkpoints").glob("step-*/COMPLETE"))
 
