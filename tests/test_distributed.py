@@ -2,7 +2,7 @@
 
 * DDP on 2 processes x batch 4 follows the same loss curve and ends with the same weights as
   1 process x batch 8 (the loss is normalised by the global number of target tokens);
-  the same for LoRA fine-tuning, and for LoRA and adapters under FSDP2.
+  the same for LoRA fine-tuning, and for LoRA, adapters and prompt tuning under FSDP2.
 * FSDP2 on 2 processes trains; killed (SIGKILL, no handler runs) and resumed, it ends
   bit-identical to an uninterrupted FSDP run, for full training and for LoRA.
 * SIGTERM to one rank stops every rank at the same step boundary, after a complete
@@ -125,11 +125,11 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(single_p
 
 
 @pytest.mark.parametrize("method, strategy", [("lora", "ddp"), ("lora", "fsdp"),
-                                              ("adapter", "fsdp")])
+                                              ("adapter", "fsdp"), ("prompt_tuning", "fsdp")])
 def test_lora_and_adapters_on_two_processes_match_one(method, strategy, single_pretrain, work,
                                                        cache_dir):
     # FSDP shards the frozen base weights with the trained ones; final/ holds the gathered
-    # adapter weights, written by rank 0.
+    # adapter weights (prompt tuning: the virtual tokens' embeddings), written by rank 0.
     sft = [*SFT, f"method={method}",
            *(["method.dropout=0"] if method == "lora" else []),
            f"model.path={single_pretrain / 'final'}"]

@@ -71,8 +71,8 @@ class Strategy(str, Enum):
     """Every process holds the whole model; gradients are averaged (DistributedDataParallel)."""
     fsdp = "fsdp"
     """Parameters, gradients and optimizer state sharded over processes (FSDP2 fully_shard,
-    per decoder layer); for models too big for one device. With LoRA or adapters the frozen
-    base is sharded too."""
+    per decoder layer); for models too big for one device. With LoRA, adapters, IA3 or prompt
+    tuning the frozen base is sharded too."""
 
 
 class Device(str, Enum):

@@ -31,7 +31,8 @@ from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve
 from ptft.engine.flops import TrainingMeter, device_peak_flops, training_flops
 from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers
-from ptft.engine.objective import accumulate_gradients, chunked_loss_problem, evaluate
+from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
+                                   is_prompt_learning)
 from ptft.engine.optim import build_optimizer, lr_at
 from ptft.engine.packed_attention import use_packed_attention
 from ptft.engine.progress import ProgressReporter
@@ -347,6 +348,11 @@ def _save_final_atomically(model, tokenizer, path: Path, method_cfg, world: Worl
     """Rank 0 writes final/ under a temporary name and renames it; under FSDP the whole
     weights are gathered first (a collective: every rank takes part)."""
     state_dict = full_model_state(model) if world.distributed else None
+    # peft saves prompt tuning's virtual tokens by running its prompt encoder, which needs
+    # whole weights: under FSDP every rank gathers them for the save (a collective).
+    unsharded = hasattr(model, "unshard") and is_prompt_learning(model)
+    if unsharded:
+        model.unshard()
     if world.is_main:
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -355,6 +361,8 @@ def _save_final_atomically(model, tokenizer, path: Path, method_cfg, world: Worl
             shutil.rmtree(path)
         tmp.rename(path)
     world.barrier()
+    if unsharded:
+        model.reshard()
 
 
 def _write_summary(run_dir: Path, summary: dict, world: World) -> None:
