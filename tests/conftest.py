@@ -23,6 +23,15 @@ TINY_DATA = ["data=python-docs", "data.max_documents=24", "data.eval_fraction=0.
 TINY = TINY_MODEL + TINY_TRAIN + TINY_DATA
 
 
+def devices() -> list:
+    """"cpu", and "cuda" where a GPU is present (skipped elsewhere): for tests of code with
+    device-specific paths, so that a GPU machine runs them on its device too."""
+    import torch
+
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
 def tiny_llama(seed: int = 0, **config):
     """A randomly initialised Llama with SDPA attention, the same for the same `seed`: 2 layers,
     hidden size 32, unless `config` (LlamaConfig fields) says otherwise."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_llama
+from conftest import devices, tiny_llama
 from ptft.config.schema import LoraMethodConfig, Precision, PromptTuningMethodConfig, TrainConfig
 from ptft.engine import fused_loss
 from ptft.engine.device import autocast_dtype, cpu_runs_bf16_natively
@@ -23,30 +23,34 @@ from ptft.methods import apply_method
 N, H, V = 23, 16, 50
 
 
-def _inputs(bias: bool):
+def _inputs(bias: bool, device: str = "cpu"):
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(N, H, generator=g, requires_grad=True)
-    weight = torch.randn(V, H, generator=g, requires_grad=True)
-    b = torch.randn(V, generator=g, requires_grad=True) if bias else None
+    hidden = torch.randn(N, H, generator=g).to(device).requires_grad_()
+    weight = torch.randn(V, H, generator=g).to(device).requires_grad_()
+    b = torch.randn(V, generator=g).to(device).requires_grad_() if bias else None
     labels = torch.randint(0, V, (N,), generator=g)
     labels[[3, 10]] = -100  # ignored rows
-    return hidden, weight, b, labels
+    return hidden, weight, b, labels.to(device)
 
 
 def _loss_and_grads(compute, tensors, dtype):
     for t in tensors:
         t.grad = None
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+    device = tensors[0].device.type
+    with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = compute()
     (loss * 0.5).backward()  # a scaled loss, as the training loop scales it
     return [loss.detach()] + [t.grad for t in tensors]
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, monkeypatch):
-    monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, "cpu", 4 * V * 7)  # chunks of 7 rows
-    hidden, weight, b, labels = _inputs(bias)
+def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, device,
+                                                                monkeypatch):
+    monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, device, 4 * V * 7)  # chunks of 7 rows
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 is fp32
+    hidden, weight, b, labels = _inputs(bias, device)
     tensors = [t for t in (hidden, weight, b) if t is not None]
     want = _loss_and_grads(lambda: F.cross_entropy(F.linear(hidden, weight, b).float(), labels,
                                                    reduction="sum"), tensors, dtype)

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from conftest import tiny_llama
+from conftest import devices, tiny_llama
 from ptft.methods.lora_linear import FastLoraLinear, use_fast_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,7 +36,7 @@ def _pair(**lora):
 def _loss_and_grads(model, ids, dtype=None):
     for p in model.parameters():
         p.grad = None
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+    with torch.autocast(ids.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -45,15 +45,19 @@ def _loss_and_grads(model, ids, dtype=None):
 IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_same_loss_and_gradients_as_peft(dtype):
-    theirs, ours = _pair()
+def test_same_loss_and_gradients_as_peft(dtype, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 is fp32
+    theirs, ours = (model.to(device) for model in _pair())
     layer = ours.get_base_model().model.layers[0].mlp.up_proj
     assert type(layer) is FastLoraLinear
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        assert "MergedWeightLora" in type(layer(torch.randn(3, 32)).grad_fn).__name__
-    want_loss, want = _loss_and_grads(theirs, IDS, dtype)
-    got_loss, got = _loss_and_grads(ours, IDS, dtype)
+    with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+        x = torch.randn(3, 32, device=device)
+        assert "MergedWeightLora" in type(layer(x).grad_fn).__name__
+    ids = IDS.to(device)
+    want_loss, want = _loss_and_grads(theirs, ids, dtype)
+    got_loss, got = _loss_and_grads(ours, ids, dtype)
     # fp32: the scaled update is rounded once instead of twice; bf16: both round to bf16
     tolerance = 1e-5 if dtype is None else 2e-2
     assert torch.allclose(got_loss, want_loss, rtol=tolerance)
