@@ -349,7 +349,8 @@ def _save_final_atomically(model, tokenizer, path: Path, method_cfg, world: Worl
     weights are gathered first (a collective: every rank takes part)."""
     state_dict = full_model_state(model) if world.distributed else None
     # peft saves prompt tuning's virtual tokens by running its prompt encoder, which needs
-    # whole weights: under FSDP every rank gathers them for the save (a collective).
+    # whole weights: under FSDP every rank gathers the root's own (embeddings, prompt encoder;
+    # not the decoder layers, which are sharded on their own) for the save, a collective.
     unsharded = hasattr(model, "unshard") and is_prompt_learning(model)
     if unsharded:
         model.unshard()
