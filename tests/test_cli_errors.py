@@ -112,12 +112,21 @@ BAD_INPUTS = [
      ["cols.csv", "no column 'text'", "body"]),
     ({"num.jsonl": '{"text": 5}\n'}, ["data=jsonl", "data.paths=[num.jsonl]"], ["row 0", "int"]),
     ({}, ["data=parquet", "data.paths=[missing/*.parquet]"], ["missing/*.parquet"]),
+    # Arrow's JSON reader keeps undecodable bytes; they fail later, when rows become strings.
+    ({"latin1.jsonl": '{"text": "caf\xe9"}\n'.encode("latin-1")},
+     ["data=jsonl", "data.paths=[latin1.jsonl]"], ["latin1.jsonl", "UTF-8"]),
+    # The parser's own reason and row, not datasets' "An error occurred while generating".
+    ({"cut.jsonl": '{"text": "a"}\n{"text": "b\n'}, ["data=jsonl", "data.paths=[cut.jsonl]"],
+     ["cut.jsonl", "row 1"]),
+    # Evaluation files only go with training files: an embedded corpus would ignore them.
+    ({"eval.txt": "held out\n"}, ["data.eval_paths=[eval.txt]"], ["data.eval_paths"]),
 ]
 
 
 @pytest.mark.parametrize("files, overrides, words", BAD_INPUTS,
                          ids=["empty-file", "blank-text", "non-utf8", "missing-column",
-                              "non-text-column", "no-such-file"])
+                              "non-text-column", "no-such-file", "non-utf8-jsonl",
+                              "malformed-jsonl", "eval-files-without-train-files"])
 def test_bad_pretraining_inputs(files, overrides, words, tmp_path, cache_dir):
     for name, content in files.items():
         path = tmp_path / name

@@ -221,6 +221,24 @@ def test_non_utf8_text_file_message_mentions_utf8(tmp_path):
     assert "UTF-8" in str(info.value)
 
 
+def test_non_utf8_records_are_a_usage_error(tmp_path):
+    from ptft.data.sources import load_records
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "caf\xe9", "response": "ok"}\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match="UTF-8") as info:
+        load_records(cfg_for("jsonl", [path]))
+    assert str(path) in str(info.value)
+
+
+def test_malformed_jsonl_is_reported_once_with_its_row(tmp_path, capfd):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b\n')
+    with pytest.raises(UsageError) as info:
+        load_documents(cfg_for("jsonl", [path]))
+    assert "row 1" in str(info.value) and "An error occurred" not in str(info.value)
+    assert "Failed to load JSON" not in capfd.readouterr().err  # datasets' own log line
+
+
 def test_describe_source_tracks_file_changes(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", sentences(3))
     cfg = cfg_for("jsonl", [path])

@@ -19,7 +19,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ptft.config.schema import DATA_SOURCES, METHOD_SCHEMAS, STAGE_SCHEMAS, TASK_SOURCES, RootConfig
+from ptft.config.schema import (DATA_SOURCES, FILE_SOURCES, METHOD_SCHEMAS, STAGE_SCHEMAS,
+                               TASK_SOURCES, RootConfig)
 from ptft.errors import UsageError, did_you_mean, first_line
 
 GROUPS = ("model", "data", "stage", "method")
@@ -126,7 +127,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_stage_data(cfg: DictConfig) -> None:
-    """Pre-training reads running text; fine-tuning reads task records."""
+    """Pre-training reads running text; fine-tuning reads task records; evaluation files go
+    with training files."""
     source, stage = cfg.data.source, cfg.stage.name
     if stage == "pretrain" and source in TASK_SOURCES:
         raise UsageError(f"data={source} is fine-tuning data; run `ptft finetune data={source}`, "
@@ -135,6 +137,13 @@ def _check_stage_data(cfg: DictConfig) -> None:
         raise UsageError(f"data={source} is running text, not fine-tuning records; use "
                          "data=docstrings (SFT), data=stdlib-topics (classification) or your "
                          "own records with data=jsonl/csv/parquet.")
+    if cfg.data.eval_paths and source not in FILE_SOURCES:
+        # Read with this source's reader, the files would be ignored (embedded corpora) or
+        # stand in for a second copy of the training data (hub): evaluation on training data.
+        raise UsageError(f"data.eval_paths names files, but data={source} is not read from "
+                         "files: its evaluation set is held out by data.eval_fraction. Drop "
+                         "data.eval_paths, or train on files too (data=text-files, jsonl, csv "
+                         "or parquet with data.paths=[...]).")
 
 
 def schema_tree(cfg: DictConfig | None) -> DictConfig:

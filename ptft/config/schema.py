@@ -41,6 +41,8 @@ DATA_SOURCES = (
 )
 # Sources whose records are fine-tuning examples rather than running text.
 TASK_SOURCES = ("docstrings", "stdlib-topics")
+# Sources read from the user's files (data.paths; data.eval_paths in the same format).
+FILE_SOURCES = ("text-files", "jsonl", "parquet", "csv")
 
 
 class Overlong(str, Enum):
@@ -142,7 +144,8 @@ class DataConfig:
     split: str = "train"
     """Split read from a hub dataset."""
     eval_paths: list[str] = field(default_factory=list)
-    """Explicit evaluation files, same format as `paths`; when set, eval_fraction is not used."""
+    """Explicit evaluation files, same format as `paths` (file sources only); when set,
+    eval_fraction is not used."""
     eval_fraction: float = 0.02
     """Share of documents held out for evaluation, chosen by a hash of each document's id so
     that the split stays put when the corpus grows."""

@@ -7,6 +7,7 @@ formats; every failure a user can cause becomes a UsageError naming the file and
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -124,17 +125,54 @@ def _tables(cfg: DataConfig, files: list[Path]):
     for path in files:
         kwargs = {"sample_by": "document"} if cfg.source == "text-files" else {}
         try:
-            table = datasets.load_dataset(_BUILDERS[cfg.source], data_files=str(path),
-                                          split="train", **kwargs)
+            with _quiet_datasets():
+                table = datasets.load_dataset(_BUILDERS[cfg.source], data_files=str(path),
+                                              split="train", **kwargs)
         except Exception as err:  # datasets wraps parser errors in many types
             decode = caused_by(err, UnicodeDecodeError)
             if decode is not None:
-                raise UsageError(f"{path} is not valid UTF-8 text ({decode.reason} at byte "
-                                 f"{decode.start}); convert it to UTF-8.") from None
+                raise _not_utf8(str(path), decode) from None
             if path.stat().st_size == 0:
                 raise UsageError(f"{path} is empty; point data.paths at files with data.") from None
-            raise UsageError(f"could not read {path} as {cfg.source}: {first_line(err)}") from None
+            raise UsageError(f"could not read {path} as {cfg.source}: {_reason(err)}") from None
         yield table, str(path)
+
+
+@contextlib.contextmanager
+def _decoding(origin: str):
+    """Arrow's JSON reader keeps strings as bytes without checking them: text that is not
+    UTF-8 only fails when the rows are turned into Python strings, after loading."""
+    try:
+        yield
+    except UnicodeDecodeError as decode:
+        raise _not_utf8(origin, decode) from None
+
+
+def _not_utf8(origin: str, decode: UnicodeDecodeError) -> UsageError:
+    return UsageError(f"{origin} is not valid UTF-8 text ({decode.reason}); convert it to "
+                      "UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.")
+
+
+def _reason(err: BaseException) -> str:
+    """What the parser said: `datasets` wraps it in a DatasetGenerationError ('An error
+    occurred while generating the dataset') that names neither the problem nor the row."""
+    while type(err).__name__ == "DatasetGenerationError" and (err.__cause__ or err.__context__):
+        err = err.__cause__ or err.__context__
+    return first_line(err)
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """`datasets` logs a parser failure as an error line of its own before raising; ptft
+    reports it once, in its own message."""
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _read_hub(cfg: DataConfig):
@@ -179,9 +217,10 @@ def _records_of(cfg: DataConfig, patterns: list[str], key: str) -> list[dict]:
     files = [] if cfg.source == "hub" else expand_paths(patterns, key)
     records: list[dict] = []
     for table, origin in _tables(cfg, files):
-        rows = table.to_list()
         if cfg.max_documents:
-            rows = rows[:cfg.max_documents - len(records)]
+            table = table.select(range(min(cfg.max_documents - len(records), len(table))))
+        with _decoding(origin):
+            rows = table.to_list()
         records += [{**row, "_origin": f"{origin} row {i}"} for i, row in enumerate(rows)]
         if cfg.max_documents and len(records) >= cfg.max_documents:
             break
@@ -196,11 +235,12 @@ def _texts_of(table, field: str, origin: str, limit: int | None) -> list[tuple[s
                          f"{', '.join(table.column_names)}); set data.text_field=<column>.")
     column = table[field] if not limit else table.select(range(min(limit, len(table))))[field]
     pairs = []
-    for row, text in enumerate(column):
-        if text is not None and not isinstance(text, str):
-            raise UsageError(f"{origin} row {row}: column '{field}' holds "
-                             f"{type(text).__name__}, not text; choose a text column.")
-        pairs.append((text or "", f"{origin}#{row}"))
+    with _decoding(origin):
+        for row, text in enumerate(column):
+            if text is not None and not isinstance(text, str):
+                raise UsageError(f"{origin} row {row}: column '{field}' holds "
+                                 f"{type(text).__name__}, not text; choose a text column.")
+            pairs.append((text or "", f"{origin}#{row}"))
     return pairs
 
 
