@@ -171,3 +171,28 @@ def test_typed_values_after_conversion():
     assert obj.train.batch_size == 8
     assert obj.data.max_documents is None
     assert obj.stage.name == "pretrain" and obj.method.name == "full"
+
+
+@pytest.mark.parametrize("stage, overrides, bound", [
+    ("pretrain", ["train.batch_size=0"], "at least 1"),
+    ("pretrain", ["train.grad_accum=0"], "at least 1"),
+    ("pretrain", ["train.log_every=0"], "at least 1"),
+    ("pretrain", ["train.warmup_steps=-1"], "at least 0"),
+    ("pretrain", ["train.grad_clip=0"], "above 0"),
+    ("pretrain", ["train.max_steps=null", "train.epochs=0"], "above 0"),
+    ("pretrain", ["data.eval_fraction=1.5"], "between 0 and 1"),
+    ("finetune", ["method=lora", "method.r=0"], "at least 1"),
+    ("finetune", ["method=lora", "method.dropout=-0.1"], "between 0 and 1"),
+])
+def test_numbers_out_of_range_are_rejected_before_a_run(stage, overrides, bound):
+    key = overrides[-1].split("=")[0]
+    with pytest.raises(UsageError, match=f"{key}=.* out of range: it must be {bound}"):
+        compose(stage, overrides)
+
+
+def test_numbers_at_their_bounds_are_accepted():
+    # 0 means "off" for the cadences that allow it; null skips a bound (no clipping).
+    cfg = compose("pretrain", ["train.eval_every=0", "train.save_every=0", "train.lr=0",
+                               "train.grad_clip=null", "train.warmup_steps=0",
+                               "data.eval_fraction=0"])
+    assert cfg.train.eval_every == 0 and cfg.train.grad_clip is None

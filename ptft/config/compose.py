@@ -19,8 +19,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ptft.config.schema import (DATA_SOURCES, FILE_SOURCES, METHOD_SCHEMAS, STAGE_SCHEMAS,
-                               TASK_SOURCES, RootConfig)
+from ptft.config.schema import (DATA_SOURCES, FILE_SOURCES, METHOD_SCHEMAS, RANGES,
+                               STAGE_SCHEMAS, TASK_SOURCES, RootConfig)
 from ptft.errors import UsageError, did_you_mean, first_line
 
 GROUPS = ("model", "data", "stage", "method")
@@ -121,9 +121,25 @@ def validate(cfg: DictConfig) -> None:
                          f"{did_you_mean(cfg.data.source, DATA_SOURCES)} "
                          f"Choose one of: {', '.join(DATA_SOURCES)}.")
     _check_stage_data(cfg)
+    _check_ranges(checked)
     with _unlocked(cfg):
         for key in checked:
             cfg[key] = checked[key]
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Numbers inside the values they may take (schema.RANGES): a zero batch or cadence
+    would otherwise fail mid-run with a division by zero, a negative one run silently."""
+    for key, (low, high) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # null, or a key this option does not have
+        if (low is not None and value < low) or (high is not None and value > high):
+            if high is None:
+                bound = f"at least {low:g}" if low >= 1 or low == 0 else "above 0"
+            else:
+                bound = f"between {low:g} and {high:g}"
+            raise UsageError(f"{key}={value} is out of range: it must be {bound}.")
 
 
 def _check_stage_data(cfg: DictConfig) -> None:

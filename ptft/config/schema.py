@@ -277,7 +277,8 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0
     """Clip the global gradient norm to this value; null disables clipping."""
     eval_every: int = 100
-    """Evaluate every N steps (and once before the first step and after the last)."""
+    """Evaluate every N steps (and once before the first step and after the last; 0: only
+    those two)."""
     eval_batches: int = 20
     """Batches of the held-out split per evaluation (0: all of it)."""
     save_every: int = 200
@@ -309,6 +310,25 @@ class TrainConfig:
     less memory, and on CPUs faster (the chunk stays in cache). null: on wherever the model
     allows it (a causal LM with a plain output projection; not FSDP-sharded, not prompt
     tuning), else the plain loss; true: on, or an error saying why it cannot be."""
+
+
+# The values each number may take (OmegaConf checks types, not ranges): compose.validate
+# turns a value outside them into one usage error, before a run starts. (low, high), either
+# end None for unbounded; null values of Optional keys are not checked.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "train.max_steps": (1, None), "train.epochs": (1e-9, None), "train.batch_size": (1, None),
+    "train.grad_accum": (1, None), "train.seq_len": (2, None), "train.lr": (0, None),
+    "train.min_lr_ratio": (0, 1), "train.warmup_steps": (0, None),
+    "train.weight_decay": (0, None), "train.beta1": (0, 1), "train.beta2": (0, 1),
+    "train.grad_clip": (1e-12, None), "train.eval_every": (0, None),
+    "train.eval_batches": (0, None), "train.save_every": (0, None), "train.log_every": (1, None),
+    "train.max_nonfinite_skips": (0, None), "run.keep_last": (1, None),
+    "data.eval_fraction": (0, 1), "data.max_documents": (1, None),
+    "method.r": (1, None), "method.alpha": (0, None), "method.dropout": (0, 1),
+    "method.reduction_factor": (1, None), "method.num_virtual_tokens": (1, None),
+    "model.vocab_size": (2, None), "model.hidden_size": (1, None), "model.num_layers": (1, None),
+    "model.num_heads": (1, None), "model.intermediate_size": (1, None),
+}
 
 
 @dataclass
