@@ -82,8 +82,13 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
 
 
 def rows(run_dir: Path) -> dict:
-    return {(r["kind"], r["step"]): r.get("loss", r.get("eval_loss"))
-            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    """{(kind, step): loss} of a run's metrics; fails on a step logged twice (a resume must
+    not repeat rows). Rows of skipped non-finite steps are left out."""
+    found = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if not r.get("nonfinite")]
+    keys = [(r["kind"], r["step"]) for r in found]
+    assert len(keys) == len(set(keys)), f"rows logged twice in {run_dir}: {keys}"
+    return {(r["kind"], r["step"]): r.get("loss", r.get("eval_loss")) for r in found}
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

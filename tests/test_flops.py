@@ -59,6 +59,20 @@ def test_mfu_arithmetic():
     assert mfu(1000.0, 6e6, None) is None
 
 
+def test_meter_counts_only_the_steps_it_timed():
+    """After a resume, an interval's first row must not divide the targets of steps run
+    before the resume by the time of the steps after it."""
+    batch = Batch(inputs={"input_ids": torch.zeros(2, 8, dtype=torch.long)},
+                  labels=torch.zeros(2, 8, dtype=torch.long), num_targets=16)
+    meter = flops_module.TrainingMeter(TrainingFlops(10.0, 2.0), 1e9, started=0.0)
+    for targets in (16, 16):
+        meter.begin_step()
+        meter.end_step([batch], targets)
+    seconds, targets, _ = meter.take_interval()
+    assert targets == 32 and seconds > 0 and meter.total_targets == 32
+    assert meter.take_interval()[1] == 0  # a new interval starts empty
+
+
 # ---- the device peak ---------------------------------------------------------------------
 
 def test_gpu_table_by_device_name():

@@ -17,7 +17,8 @@ from ptft.engine.checkpoint import (
     trainable_state,
 )
 from ptft.engine.checkpoint import load_checkpoint, restore_rng
-from ptft.engine.optim import build_optimizer, lr_at
+from ptft.engine.optim import build_optimizer, lr_at, planned_steps
+from ptft.errors import UsageError
 
 CONFIG = "train:\n  lr: 0.1\n"  # the config text a checkpoint carries
 
@@ -44,22 +45,22 @@ class Tiny(torch.nn.Module):
 @pytest.mark.parametrize("warmup,total", [(10, 100), (1, 20), (40, 400), (5, 6)])
 def test_lr_schedule_shape(warmup, total):
     cfg = TrainConfig(lr=2e-3, warmup_steps=warmup, min_lr_ratio=0.1)
-    lrs = [lr_at(step, cfg, total) for step in range(total + 1)]
+    lrs = [lr_at(step, cfg, total) for step in range(total)]  # the steps a run executes
     # Linear warm-up from lr/warmup to lr.
     assert lrs[0] == pytest.approx(cfg.lr / warmup)
     for step in range(warmup):
         assert lrs[step] == pytest.approx(cfg.lr * (step + 1) / warmup)
-    # Peak at the end of warm-up; never above it.
+    # Peak at the last warm-up step, and only there; never above it.
     assert lrs[warmup - 1] == pytest.approx(cfg.lr)
-    assert lrs[warmup] == pytest.approx(cfg.lr)
+    assert lrs[warmup] < cfg.lr
     assert max(lrs) == pytest.approx(cfg.lr)
-    # Monotone decay afterwards, down to lr * min_lr_ratio at total_steps.
+    # Monotone decay afterwards, down to lr * min_lr_ratio at the run's last step.
     decay = lrs[warmup:]
-    assert all(a >= b - 1e-15 for a, b in zip(decay, decay[1:]))
-    assert lrs[total] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
     # Cosine: half way through the decay, half way between peak and floor.
     if (total - warmup) % 2 == 0:
-        mid = warmup + (total - warmup) // 2
+        mid = warmup + (total - warmup) // 2 - 1
         assert lrs[mid] == pytest.approx((cfg.lr + cfg.lr * cfg.min_lr_ratio) / 2)
     # Past the end it stays at the floor.
     assert lr_at(total + 50, cfg, total) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
@@ -67,8 +68,17 @@ def test_lr_schedule_shape(warmup, total):
 
 def test_lr_cosine_values():
     cfg = TrainConfig(lr=1.0, warmup_steps=0, min_lr_ratio=0.0)
-    for step in (0, 25, 50, 75, 100):
-        assert lr_at(step, cfg, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * step / 100)))
+    for step in (0, 24, 49, 74, 99):  # each step takes the schedule's value at its end
+        assert lr_at(step, cfg, 100) == pytest.approx(
+            0.5 * (1 + math.cos(math.pi * (step + 1) / 100)))
+    assert lr_at(99, cfg, 100) == 0.0
+
+
+def test_epochs_count_the_sequences_of_every_process():
+    cfg = TrainConfig(max_steps=None, epochs=1.0, batch_size=4, grad_accum=2)
+    assert planned_steps(cfg, 100, world_size=1) == 13  # ceil(100 / 8)
+    assert planned_steps(cfg, 100, world_size=2) == 7   # 16 sequences a step: one pass, not two
+    assert planned_steps(TrainConfig(max_steps=5), 100, world_size=4) == 5
 
 
 # ------------------------------------------------------------------------ build_optimizer
@@ -209,6 +219,19 @@ def test_resaving_a_step_replaces_it(tmp_path):
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["step-000004"]
 
 
+@pytest.mark.parametrize("hidden", [".step-000004.replaced", ".step-000004.tmp"])
+def test_a_save_killed_between_its_renames_keeps_the_complete_copy(tmp_path, hidden):
+    from ptft.engine.resume import find_checkpoint
+    model = Tiny(tied=False)
+    optimizer = _trained(model)
+    root = tmp_path / "checkpoints"
+    path = save_checkpoint(root, 4, model, optimizer, {"tokens_seen": 1}, CONFIG, keep_last=1)
+    path.rename(root / hidden)  # re-saving step 4 with keep_last=1, killed mid-swap
+    assert find_checkpoint("auto", tmp_path) == path
+    assert json.loads((path / "state.json").read_text())["tokens_seen"] == 1
+    assert sorted(p.name for p in root.iterdir()) == ["step-000004"]
+
+
 def test_load_checkpoint_restores_weights_optimizer_and_rng(tmp_path):
     model = Tiny()
     optimizer = _trained(model)
@@ -240,5 +263,5 @@ def test_a_checkpoint_with_pickled_files_is_refused(tmp_path):
     optimizer = _trained(model)
     path = save_checkpoint(tmp_path, 1, model, optimizer, {}, CONFIG)
     torch.save({"evil": 1}, path / "extra.pt")
-    with pytest.raises(ValueError, match="pickled"):
+    with pytest.raises(UsageError, match="pickled"):
         load_checkpoint(path, Tiny(), build_optimizer(Tiny(), TrainConfig(), torch.device("cpu")))

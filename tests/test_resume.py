@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -127,6 +128,59 @@ def test_resume_from_an_explicit_checkpoint_path(uninterrupted, cache_dir):
                       cwd=work, cache=cache_dir)
     assert result.returncode == 0, result.stderr
     assert rows(work / "branch")[("train", 40)] == rows(work / "straight")[("train", 40)]
+
+
+def test_rerunning_a_finished_run_repeats_nothing(uninterrupted, cache_dir):
+    work = uninterrupted
+    shutil.copytree(work / "straight", work / "again")
+    before = json.loads((work / "again" / "summary.json").read_text())
+    result = run_ptft("pretrain", *RESUMABLE, "run.dir=again", cwd=work, cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert rows(work / "again") == rows(work / "straight")  # the final evaluation not twice
+    after = json.loads((work / "again" / "summary.json").read_text())
+    for key in ("train_loss", "eval_loss", "first_eval_loss", "steps", "tokens"):
+        assert after[key] == before[key], key
+
+
+def test_a_checkpoint_past_the_run_s_last_step_is_refused(uninterrupted, cache_dir):
+    work = uninterrupted
+    shutil.copytree(work / "straight", work / "shortened")
+    result = run_ptft("pretrain", *RESUMABLE, "train.max_steps=20", "run.dir=shortened",
+                      cwd=work, cache=cache_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "step 40" in result.stderr and "train.max_steps" in result.stderr
+    assert rows(work / "shortened") == rows(work / "straight")  # nothing rewritten
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_block_resuming(uninterrupted, cache_dir):
+    work = uninterrupted
+    shutil.copytree(work / "straight", work / "cut")
+    for name in ("step-000035", "step-000040"):
+        shutil.rmtree(work / "cut" / "checkpoints" / name)
+    shutil.rmtree(work / "cut" / "final")
+    with open(work / "cut" / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"kind": "train", "step": 41, "lo')  # the crash's half line
+    result = run_ptft("pretrain", *RESUMABLE, "run.dir=cut", cwd=work, cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert rows(work / "cut") == rows(work / "straight")
+
+
+def test_starting_over_in_a_run_dir_without_checkpoints_sets_old_metrics_aside(tmp_path,
+                                                                               cache_dir):
+    args = [*TINY, "train.save_every=0", "train.eval_every=0", "train.log_every=4", "run.dir=r"]
+    for _ in range(2):
+        result = run_ptft("pretrain", *args, cwd=tmp_path, cache=cache_dir)
+        assert result.returncode == 0, result.stderr
+    assert "starting at step 0" in result.stdout
+    # Each file holds one run: evaluations only before the first and after the last step.
+    for name in ("metrics.jsonl", "metrics.previous.jsonl"):
+        metrics = rows_of(tmp_path / "r" / name)
+        assert [r["step"] for r in metrics if r["kind"] == "eval"] == [0, 12], name
+        assert [r["step"] for r in metrics if r["kind"] == "train"] == [4, 8, 12], name
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_nonfinite_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(

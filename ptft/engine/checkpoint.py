@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ptft.errors import UsageError
+
 COMPLETE_MARKER = "COMPLETE"
 
 
@@ -62,10 +64,16 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     if world.is_main:
         _write_json(tmp / COMPLETE_MARKER, {"step": step})
         _fsync_dir(tmp)
-        if final.exists():  # a previous attempt at this very step that completed: replace it
-            shutil.rmtree(final)
+        # A complete checkpoint of this very step (an earlier attempt at it) is moved aside,
+        # not deleted, until the new one has its name: a crash in between leaves a complete
+        # hidden copy that remove_partial_checkpoints puts back.
+        aside = root / f".{final.name}.replaced"
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
         os.rename(tmp, final)
         _fsync_dir(root, files=False)
+        shutil.rmtree(aside, ignore_errors=True)
         if keep_last:
             for old in complete_checkpoints(root)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -125,18 +133,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     world = world or World()
     pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickled:
-        raise ValueError(f"{path} holds pickled files ({', '.join(pickled)}); ptft only loads "
+        raise UsageError(f"{path} holds pickled files ({', '.join(pickled)}); ptft only loads "
                          "safetensors and JSON, since unpickling can run arbitrary code.")
     state = json.loads((path / "state.json").read_text())
     if state.get("world_size", 1) != world.world_size:
-        raise ValueError(f"{path} was written by {state.get('world_size', 1)} processes; this "
+        raise UsageError(f"{path} was written by {state.get('world_size', 1)} processes; this "
                          f"run has {world.world_size}. Resume with the same number of processes.")
     weights = load_file(str(path / "model.safetensors"))
     expected = set(trainable_state_names(model))
     missing, unknown = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unknown:
-        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unknown[:5]}.")
+        raise UsageError(f"{path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unknown[:5]}. Resume with the model and method it was "
+                         "written with, or start a new run.dir.")
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=options)
     hyper = json.loads((path / "optimizer.json").read_text())
@@ -159,9 +168,15 @@ def restore_rng(state: dict) -> None:
 
 
 def remove_partial_checkpoints(root: Path) -> list[str]:
-    """Delete leftovers of saves that were killed midway; return their names."""
+    """Delete leftovers of saves that were killed midway; return their names. A hidden copy
+    that is complete (.step-N.tmp or .step-N.replaced, killed between two renames) becomes
+    step-N again when step-N is missing."""
     if not root.is_dir():
         return []
+    for hidden in sorted(root.glob(".step-*")):
+        name = hidden.name[1:].split(".")[0]
+        if (hidden / COMPLETE_MARKER).is_file() and not (root / name).exists():
+            os.rename(hidden, root / name)
     partial = [p for p in root.iterdir() if p.is_dir() and (
         p.name.startswith(".") or not (p / COMPLETE_MARKER).is_file())]
     for p in partial:

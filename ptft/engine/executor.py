@@ -25,7 +25,8 @@ from ptft.config.schema import OnNonFinite, RootConfig
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
 from ptft.engine.allocator import keep_freed_memory
-from ptft.engine.checkpoint import full_model_state, load_checkpoint, restore_rng, save_checkpoint
+from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_model_state,
+                                    load_checkpoint, restore_rng, save_checkpoint)
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
 from ptft.engine.flops import TrainingMeter, device_peak_flops, training_flops
@@ -33,10 +34,11 @@ from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
                                    is_prompt_learning)
-from ptft.engine.optim import build_optimizer, lr_at
+from ptft.engine.optim import build_optimizer, lr_at, planned_steps
 from ptft.engine.packed_attention import use_packed_attention
 from ptft.engine.progress import ProgressReporter
-from ptft.engine.resume import checkpoint_config, compare_configs, find_checkpoint, truncate_metrics
+from ptft.engine.resume import (checkpoint_config, compare_configs, find_checkpoint,
+                                set_aside_stale_metrics, truncate_metrics)
 from ptft.engine.rundir import create_run_dir
 from ptft.engine.signals import StopRequests, ignore_launcher_stop
 from ptft.errors import Preempted, TrainingFailed, UsageError, redact_secrets
@@ -116,9 +118,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     trainable = [p for p in model.parameters() if p.requires_grad]
-    sequences_per_step = t.batch_size * t.grad_accum
-    total_steps = t.max_steps if t.max_steps is not None else max(
-        1, math.ceil((t.epochs or 1) * len(data.train) / sequences_per_step))
+    global_sequences = t.batch_size * t.grad_accum * world.world_size
+    total_steps = planned_steps(t, len(data.train), world.world_size)
     # Every rank walks the same shuffled order and takes its own slice of each global batch.
     stream = TrainStream(data.train, t.batch_size, t.seed, world.rank, world.world_size)
     console.print(
@@ -128,7 +129,6 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         f"{f' x {world.world_size} processes ({t.strategy.value})' if world.distributed else ''}"
         f"{'  autocast ' + str(amp_dtype).split('.')[-1] if amp_dtype else '  fp32'}",
         highlight=False)
-    global_sequences = sequences_per_step * world.world_size
     console.print(f"training: {total_steps} steps x {global_sequences} sequences of up to "
                   f"{t.seq_len} tokens = {total_steps * global_sequences / len(data.train):.2f} "
                   "epochs", highlight=False)
@@ -136,19 +136,29 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
     # Where the loop starts: step 0, or exactly where the checkpoint left off.
     state = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "first_eval": None,
              "interval": {"loss": 0.0, "targets": 0}}
+    kept_rows: list[dict] = []  # metrics of the steps before the checkpoint
     if resume_from:
         loaded = load_checkpoint(resume_from, model, optimizer, world)
+        if loaded["step"] > total_steps:
+            raise UsageError(f"{resume_from} is at step {loaded['step']}, past this run's "
+                             f"{total_steps} steps; raise train.max_steps (or train.epochs), "
+                             "or start a new run.dir.")
         stream.sampler.load_state_dict(loaded["sampler"])
         state.update({k: loaded[k] for k in state if k in loaded})
         if world.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", state["step"])
+            kept_rows = truncate_metrics(run_dir / "metrics.jsonl", state["step"])
         restore_rng(loaded)  # last: nothing between here and the loop may draw random numbers
+    elif world.is_main:
+        set_aside_stale_metrics(run_dir / "metrics.jsonl", console)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main,
                          loggers=cfg.run.loggers)
     progress = ProgressReporter(total_steps, console, start_step=state["step"])
-    evaluations: list[dict] = []
+    # The summary reports the last train row and evaluation, written before a resume or not.
+    evaluations = [r for r in kept_rows if r.get("kind") == "eval"]
+    last_row = next((r for r in reversed(kept_rows)
+                     if r.get("kind") == "train" and not r.get("nonfinite")), None)
     summary = {"status": "running", "stage": cfg.stage.name, "task": resolve_task(cfg),
                "method": cfg.method.name, "model": cfg.model.path or cfg.model.name,
                "data": cfg.data.source, "parameters": total_params,
@@ -184,7 +194,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
             if state["step"] == 0:
                 run_eval(0)
             model.train()
-            last_row, meter = None, TrainingMeter(flops, peak, started)
+            meter = TrainingMeter(flops, peak, started)
+            saved_at = None  # the step of this process's latest checkpoint
             for step in range(state["step"], total_steps):
                 meter.begin_step()
                 lr = lr_at(step, t, total_steps)
@@ -213,30 +224,35 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     state["interval"]["loss"] += step_loss
                     state["interval"]["targets"] += step_targets
-                meter.end_step(micro_batches)
+                    state["interval"]["grad_norm"] = norm  # the last step that was applied
+                meter.end_step(micro_batches, step_targets)
                 state["tokens_seen"] += step_targets
                 state["step"] = done
                 progress.step(done)
 
                 if (done % t.log_every == 0 or done == total_steps) and state["interval"]["targets"]:
                     interval = state["interval"]
-                    # Throughput of the steps themselves: evaluations and checkpoints excluded.
-                    seconds, interval_mfu = meter.take_interval()
+                    # Throughput of the steps themselves (evaluations and checkpoints excluded),
+                    # timed in this process: after a resume, without the steps before it.
+                    seconds, targets, interval_mfu = meter.take_interval()
                     last_row = {"kind": "train", "step": done,
                                 "loss": interval["loss"] / interval["targets"], "lr": lr,
-                                "grad_norm": norm, "tokens": state["tokens_seen"],
-                                "tokens_per_s": interval["targets"] / seconds,
+                                "grad_norm": interval.get("grad_norm", norm),
+                                "tokens": state["tokens_seen"],
+                                "tokens_per_s": targets / seconds if seconds else None,
                                 "mfu": interval_mfu,
                                 "elapsed_s": time.perf_counter() - started}
                     metrics.write(last_row)
                     progress.log(last_row)
                     state["interval"] = {"loss": 0.0, "targets": 0}
-                if done % t.eval_every == 0 and done != total_steps:
+                if t.eval_every and done % t.eval_every == 0 and done != total_steps:
                     run_eval(done)
                 if t.save_every and done % t.save_every == 0:
                     save(done)
+                    saved_at = done
                 if stop_votes and done != total_steps:
-                    path = save(done)
+                    path = save(done) if saved_at != done else \
+                        run_dir / "checkpoints" / checkpoint_name(done)
                     raise Preempted(f"stopped by {stop.received or 'a signal to another rank'} at "
                                     f"step {done}; checkpoint "
                                     f"saved to {path}. Run the same command with "
@@ -252,7 +268,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         raise
 
     # ---- finish ------------------------------------------------------------------------
-    run_eval(total_steps)
+    if not (evaluations and evaluations[-1]["step"] == total_steps):  # a resume may have it
+        run_eval(total_steps)
     progress.close()
     metrics.close()
     _save_final_atomically(model, data.tokenizer, run_dir / "final", cfg.method, world)
@@ -264,7 +281,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         "first_eval_loss": state["first_eval"],
         **{k: v for k, v in (evaluations[-1] if evaluations else {}).items()
            if k.startswith("eval_")},
-        "wall_s": wall, "tokens_per_s": state["tokens_seen"] / wall,
+        # This process's tokens over its time: a resumed run's earlier steps took other time.
+        "wall_s": wall, "tokens_per_s": meter.total_targets / wall if meter.total_targets else None,
         "mfu": meter.mfu,
         "time_to_first_step_s": meter.first_step_s,
         "flops_per_token": flops.per_block_token, "peak_flops": peak,
@@ -322,7 +340,7 @@ def _handle_nonfinite(t, state: dict, step: int, loss: float, norm: float, run_d
     what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step}"
     if t.on_nonfinite == OnNonFinite.skip and state["skipped_steps"] <= t.max_nonfinite_skips:
         return
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    checkpoints = complete_checkpoints(run_dir / "checkpoints")
     kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint yet"
     raise TrainingFailed(f"{what} (loss {loss}, grad norm {norm}); stopped before the optimizer "
                          f"step, {kept}. Lower train.lr or set train.grad_clip; "

@@ -263,15 +263,19 @@ class TrainingMeter:
         """Seconds from the run's start (data, model, first evaluation: everything after the
         imports) to the end of its first training step."""
         self.total_s = self.total_flops = 0.0
+        self.total_targets = 0
+        """Tokens that carried loss in the steps timed so far (all processes together)."""
         self._interval_s = self._interval_flops = 0.0
+        self._interval_targets = 0
         self._step_start = 0.0
 
     def begin_step(self) -> None:
         self._step_start = time.perf_counter()
 
-    def end_step(self, micro_batches) -> None:
-        """After the optimizer step; `micro_batches` are the step's batches (still on the
-        CPU, so counting their tokens does not wait for the device)."""
+    def end_step(self, micro_batches, targets: int = 0) -> None:
+        """After the optimizer step; `micro_batches` are this process's batches of the step
+        (still on the CPU, so counting their tokens does not wait for the device), `targets`
+        the step's loss-carrying tokens over all processes."""
         now = time.perf_counter()
         if self.first_step_s is None:
             self.first_step_s = now - self.started
@@ -279,14 +283,17 @@ class TrainingMeter:
         flops = sum(self.flops.step(input_tokens(b), b.num_targets) for b in micro_batches)
         self._interval_s += seconds
         self._interval_flops += flops
+        self._interval_targets += targets
         self.total_s += seconds
         self.total_flops += flops
+        self.total_targets += targets
 
-    def take_interval(self) -> tuple[float, float | None]:
-        """(seconds, MFU) of the steps since the last call; starts a new interval."""
-        seconds, flops = self._interval_s, self._interval_flops
+    def take_interval(self) -> tuple[float, int, float | None]:
+        """(seconds, targets, MFU) of the steps since the last call; starts a new interval."""
+        seconds, targets, flops = self._interval_s, self._interval_targets, self._interval_flops
         self._interval_s = self._interval_flops = 0.0
-        return seconds, mfu(1.0 / seconds, flops, self.peak) if seconds > 0 else None
+        self._interval_targets = 0
+        return seconds, targets, mfu(1.0 / seconds, flops, self.peak) if seconds > 0 else None
 
     @property
     def mfu(self) -> float | None:

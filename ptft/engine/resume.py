@@ -39,11 +39,11 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
             raise UsageError(f"run.resume={resume} is not a complete ptft checkpoint (no "
                              "COMPLETE marker): it was cut short or is not one.")
         return path
+    removed = remove_partial_checkpoints(root)  # first: it puts back a complete hidden copy
     existing = complete_checkpoints(root)
     if resume == "never" and existing:
         raise UsageError(f"{run_dir} already holds checkpoints and run.resume=never; choose "
                          "another run.dir, or set run.resume=auto to continue it.")
-    removed = remove_partial_checkpoints(root)
     if removed:
         print(f"removed unfinished checkpoint saves: {', '.join(removed)}")
     return existing[-1] if existing and resume == "auto" else None
@@ -83,16 +83,36 @@ def checkpoint_config(path: Path) -> dict:
     return yaml.safe_load((path / "config.yaml").read_text())
 
 
-def truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> list[dict]:
     """Drop metric rows after `step`, so a resumed run continues metrics.jsonl without
-    duplicate steps (rows past the checkpoint were written by the run that died)."""
+    duplicate steps (rows past the checkpoint were written by the run that died); return the
+    rows kept. A line cut short by the crash is dropped too."""
     if not path.is_file():
-        return
-    rows = path.read_text().splitlines()
-    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+        return []
+    kept: list[tuple[str, dict]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append((line, row))
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in kept))
+    tmp.write_text("".join(line + "\n" for line, _ in kept), encoding="utf-8")
     tmp.replace(path)
+    return [row for _, row in kept]
+
+
+def set_aside_stale_metrics(path: Path, console) -> None:
+    """A run that starts from step 0 in a run.dir that already has metrics (a run that died
+    before its first checkpoint, or ran without any) must not append to them: the rows would
+    repeat its steps. They are kept next to it, not deleted."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    aside = path.with_name("metrics.previous.jsonl")
+    path.replace(aside)
+    console.print(f"{path.parent} has no checkpoint to resume from: starting at step 0 "
+                  f"(the earlier metrics are in {aside.name})", highlight=False)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
