@@ -221,13 +221,24 @@ def load_tokenizer(target: Target):
 def classifier_labels(target: Target) -> list[str]:
     """The label names of a classifier, in head order.
 
-    A full model stores them (id2label in config.json). A peft or adapter directory stores
-    only the head's weights, so the names come from the run's own training data, prepared
+    A full model stores them (id2label in config.json), a peft or adapter directory in
+    labels.json (ptft.methods.save_final). A directory saved before labels.json existed
+    has only the head's weights: its names come from the run's own training data, prepared
     as in training (from the data cache when it is still there)."""
+    from ptft.methods import LABELS_FILE
+
     if target.kind == FULL:
         id2label = _read_json(target.model_dir / "config.json").get("id2label") or {}
         return [id2label[k] for k in sorted(id2label, key=int)]
     rows = _head_rows(target.model_dir)
+    saved = target.model_dir / LABELS_FILE
+    if saved.is_file():
+        labels = _read_json(saved)
+        if (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)
+                or (rows is not None and len(labels) != rows)):
+            raise UsageError(f"{saved} is not the classifier's label names: a JSON list of "
+                             f"strings, one per output of its head ({rows or 'unknown'}).")
+        return labels
     if target.run_dir is not None:
         from ptft.data.prepare import prepare_data
 
@@ -247,12 +258,15 @@ def load_model(target: Target, labels: list[str] | None = None) -> torch.nn.Modu
     from ptft import models
 
     remote = trust_remote_code(target)
-    if target.task == "classification" and labels is None:
-        labels = classifier_labels(target)
+    pad_id = None
+    if target.task == "classification":
+        labels = classifier_labels(target) if labels is None else labels
+        # The head must skip the padding of the tokenizer that inputs are encoded with.
+        pad_id = load_tokenizer(target).pad_token_id
     if target.kind == FULL:
-        model = models.load_model(str(target.model_dir), remote, target.task, labels)
+        model = models.load_model(str(target.model_dir), remote, target.task, labels, pad_id)
     else:
-        base = models.load_model(target.base, remote, target.task, labels)
+        base = models.load_model(target.base, remote, target.task, labels, pad_id)
         model = _apply_saved_changes(base, target)
     return model.eval()
 

@@ -81,9 +81,12 @@ def resolve_latest(path: str, runs_root: str) -> str:
 
 
 def load_model(path: str, trust_remote_code: bool = False, task: str = "lm",
-               labels: list[str] | None = None) -> PreTrainedModel:
+               labels: list[str] | None = None,
+               pad_token_id: int | None = None) -> PreTrainedModel:
     """A causal LM, or for task="classification" a sequence classifier with a new head for
-    `labels`, from a Hugging Face model directory or hub name."""
+    `labels`, from a Hugging Face model directory or hub name. `pad_token_id`: the id that
+    classification batches are padded with; None: the pad id of the tokenizer at `path`
+    (ptft.data.tokenizer.load_tokenizer's, which is what prepare_data pads with)."""
     source = check_model_path(path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -93,8 +96,12 @@ def load_model(path: str, trust_remote_code: bool = False, task: str = "lm",
             config.num_labels = len(labels)
             config.id2label = dict(enumerate(labels))
             config.label2id = {name: i for i, name in enumerate(labels)}
-            if config.pad_token_id is None:  # the head reads the last non-padding token
-                config.pad_token_id = config.eos_token_id
+            # The head reads the last token that is not config.pad_token_id, so that id must be
+            # the one the batches are padded with. config.json's own (or its EOS) can differ
+            # from the tokenizer's: then a shorter row in a batch is read at a padding position.
+            if pad_token_id is None:
+                pad_token_id = _tokenizer_pad_id(source, trust_remote_code)
+            config.pad_token_id = pad_token_id
             return AutoModelForSequenceClassification.from_pretrained(source, config=config,
                                                                       **common)
         return AutoModelForCausalLM.from_pretrained(source, config=config, **common)
@@ -102,6 +109,15 @@ def load_model(path: str, trust_remote_code: bool = False, task: str = "lm",
         raise UsageError(f"could not load model.path={path}: {first_line(err)} "
                          "Use a local model directory, or check the name and your network "
                          "(the hub needs one).") from None
+
+
+def _tokenizer_pad_id(source: str, trust_remote_code: bool) -> int:
+    from ptft.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(source, trust_remote_code).pad_token_id
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load the tokenizer of {source}: {first_line(err)}") from None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

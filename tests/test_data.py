@@ -466,3 +466,35 @@ def test_failed_prepare_leaves_no_partial_cache(tmp_path):
     assert _dot_entries(cache) == []
     for sub in ("tokenizers", "tokens"):  # nothing that a later run could take for finished
         assert not (cache / sub).exists() or os.listdir(cache / sub) == []
+
+
+def _model_dir(path: Path, tokenizer, **tokenizer_config) -> Path:
+    """A model directory as prepare_data sees it (config.json + tokenizer), with fields of
+    tokenizer_config.json overridden the way a user edits them."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    config_file = path / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **tokenizer_config}))
+    return path
+
+
+def test_changing_the_eos_token_invalidates_the_token_cache(tokenizer, corpus_files, tmp_path):
+    # Same vocabulary and merges, only tokenizer_config.json's eos_token differs: the
+    # backend definition is identical, but every document ends with a different token.
+    before = _model_dir(tmp_path / "before", tokenizer)
+    after = _model_dir(tmp_path / "after", tokenizer, eos_token="<|user|>")
+    old, new = load_tokenizer(before), load_tokenizer(after)
+    assert old.backend_tokenizer.to_str() == new.backend_tokenizer.to_str()
+    assert old.eos_token_id != new.eos_token_id
+    assert tokenizer_fingerprint(old) != tokenizer_fingerprint(new)
+
+    cache = tmp_path / "cache"
+    first = prepare_data(_prepare_cfg(corpus_files, cache, f"model.path='{before}'"))
+    second = prepare_data(_prepare_cfg(corpus_files, cache, f"model.path='{after}'"))
+    assert second.tokens_cached is False and second.tokens_dir != first.tokens_dir
+    tokens = np.fromfile(second.tokens_dir / "train.bin", dtype=np.dtype(second.meta["dtype"]))
+    assert int((tokens == new.eos_token_id).sum()) == second.meta["documents"]["train"]
+    assert int((tokens == old.eos_token_id).sum()) == 0

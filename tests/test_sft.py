@@ -69,6 +69,48 @@ def test_chat_messages_train_every_assistant_turn(tokenizer):
     assert trained == f"beta{eos}delta{eos}"
 
 
+# Qwen2.5-style ChatML: EOS is <|im_end|> and every turn ends "<|im_end|>\n", so EOS is not
+# the last token of an assistant turn.
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+          "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# A template that never emits EOS: turns end with a newline.
+NO_EOS = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+          "{{ message['content'] }}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TWO_TURNS = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": "beta"},
+             {"role": "user", "content": "gamma"}, {"role": "assistant", "content": "delta"}]
+
+
+def _chatml_tokenizer(template: str):
+    tok = train_bpe([r["prompt"] + " " + r["response"] for r in records(200)] * 3, 320)
+    tok.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = template
+    return tok
+
+
+def test_chatml_tokens_are_the_rendered_template():
+    tok = _chatml_tokenizer(CHATML)
+    [ids], [flags], _ = tokenize_sft([{"messages": TWO_TURNS}], tok, DataConfig(), 64, False)
+    rendered = tok.apply_chat_template(TWO_TURNS, tokenize=False)
+    # What training sees is what inference renders: no extra EOS after a turn's newline.
+    assert ids.tolist() == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert ids.tolist().count(tok.eos_token_id) == len(TWO_TURNS)
+    trained = tok.decode([int(t) for t, f in zip(ids, flags) if f])
+    assert trained == "beta<|im_end|>\ndelta<|im_end|>\n"  # each answer learns its EOS
+
+
+def test_template_without_eos_gets_one_after_the_final_answer_only():
+    tok = _chatml_tokenizer(NO_EOS)
+    [ids], [flags], _ = tokenize_sft([{"messages": TWO_TURNS}], tok, DataConfig(), 64, False)
+    rendered = tok.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert ids.tolist() == [*tok(rendered, add_special_tokens=False)["input_ids"],
+                            tok.eos_token_id]
+    assert flags[-1]  # the stop token is learnt
+    trained = tok.decode([int(t) for t, f in zip(ids, flags) if f])
+    assert trained == "beta\ndelta\n<|im_end|>"
+
+
 def test_overlong_samples_follow_the_policy(tokenizer):
     long = {"prompt": "alpha", "response": " ".join(["beta"] * 50)}
     prompt_heavy = {"prompt": " ".join(["gamma"] * 60), "response": "delta"}

@@ -32,7 +32,7 @@ from ptft.errors import UsageError, first_line
 from ptft.models import check_model_path
 
 # Bump when the token files' layout or the sample construction changes.
-TOKENS_FORMAT_VERSION = 2
+TOKENS_FORMAT_VERSION = 3
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """Instruction tuning (SFT) data: chat rendering, prompt masking, packing.
 
 Every record becomes a conversation (prompt/response records are a user and an assistant
-message) rendered with the tokenizer's chat template. Only assistant tokens carry loss,
-EOS included, so the model learns to answer and to stop. Short samples are packed into one
-sequence; a block-diagonal causal mask keeps each sample attending only to itself and
-position ids restart per sample, so a packed batch gives the same per-sample losses as
-the same samples unpacked.
+message) rendered with the tokenizer's chat template; the sample's tokens are exactly that
+rendering. Only assistant tokens carry loss, EOS included, so the model learns to answer and
+to stop (a template that never emits EOS gets one after the final answer). Short samples
+are packed into one sequence; a block-diagonal causal mask keeps each sample attending only
+to itself and position ids restart per sample, so a packed batch gives the same per-sample
+losses as the same samples unpacked.
 """
 
 from __future__ import annotations
@@ -103,13 +104,21 @@ def tokenize_sft(records: list[dict], tokenizer, cfg: DataConfig, seq_len: int,
     tokens_out, flags_out = [], []
     cursor = 0
     for segments in all_segments:
+        pieces = [(list(flat_ids[cursor + i]), is_answer)
+                  for i, (_, is_answer) in enumerate(segments)]
+        cursor += len(segments)
+        # The tokens are the template's rendering, unchanged: a template that ends its turns
+        # with EOS (ours; ChatML's `<|im_end|>\n`, where EOS is not the turn's last token)
+        # already gives the model its stop token to learn in every answer. Only a template
+        # that never emits EOS gets one, once, after the final answer: the model must learn
+        # to stop, and an EOS inserted mid-chat would give later turns a context that
+        # inference (which renders the same template) never shows.
+        if (pieces and pieces[-1][1]
+                and not any(eos in piece for piece, is_answer in pieces if is_answer)):
+            pieces[-1][0].append(eos)
         ids: list[int] = []
         flags: list[bool] = []
-        for (_, is_answer) in segments:
-            piece = list(flat_ids[cursor])
-            cursor += 1
-            if is_answer and (not piece or piece[-1] != eos):
-                piece.append(eos)  # the model must learn to stop after an answer
+        for piece, is_answer in pieces:
             ids += piece
             flags += [is_answer or train_on_prompt] * len(piece)
         stats.samples += 1

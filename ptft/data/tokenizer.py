@@ -7,6 +7,7 @@ A byte-level BPE (as in GPT-2) has no unknown tokens: any UTF-8 text, code inclu
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -50,7 +51,18 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's full definition (vocabulary, merges, normalisation)."""
+    """A hash of everything in the tokenizer that decides the cached token ids: its definition
+    (vocabulary, merges, normalisation, post-processing), which tokens are EOS, BOS and PAD, and
+    what it adds around a text. The backend definition alone records none of the special-token
+    roles (they live in tokenizer_config.json), yet EOS ends every document and SFT answer, so
+    a model directory whose eos_token changed must not reuse the old tokens. The chat template
+    is not part of it: only SFT uses it, and SFT keys it with its own settings (prepare.py)."""
     definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(
         sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(definition.encode()).hexdigest()[:16]
+    roles = {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id,
+             "pad": tokenizer.pad_token_id, "special": sorted(tokenizer.all_special_ids),
+             # add_bos/add_eos settings (classification tokenises with special tokens) show in
+             # what one short text becomes, whatever the tokenizer class calls them.
+             "around_text": tokenizer("a", add_special_tokens=True)["input_ids"]}
+    payload = definition + "\n" + json.dumps(roles, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -296,7 +296,8 @@ def _model(cfg: RootConfig, data):
     """The pre-trained model (model.path) or a new one of the configured shape."""
     tokenizer = data.tokenizer
     if cfg.model.path:
-        model = load_model(cfg.model.path, cfg.model.trust_remote_code, data.task, data.labels)
+        model = load_model(cfg.model.path, cfg.model.trust_remote_code, data.task, data.labels,
+                           tokenizer.pad_token_id)
     else:
         model = build_model(cfg.model, tokenizer.bos_token_id, tokenizer.eos_token_id,
                             tokenizer.pad_token_id, cfg.train.seed)

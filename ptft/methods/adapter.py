@@ -14,6 +14,7 @@ deepcopied model uses its own adapters, not the original's.
 The result of training is an adapter directory, not a full model:
     adapter_model.safetensors    the trainable tensors, by parameter name
     ptft_adapter_config.json     the AdapterMethodConfig fields, the base model name, "format"
+    labels.json                  a classifier's label names (written by ptft.methods.save_final)
 `load(base_model, path)` rebuilds the trained model from it on a fresh copy of the base.
 """
 
