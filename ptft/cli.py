@@ -331,14 +331,22 @@ def _train(stage: str, overrides: list[str], multirun: bool) -> None:
 
 
 class _usage_errors:
-    """Print a UsageError (exit 2), a preemption (exit 75) or a failed run (exit 1) as one
-    line; anything else is a bug and keeps its traceback."""
+    """Print a UsageError (exit 2), a preemption (exit 75), a failed run (exit 1) or a run
+    stopped by a second Ctrl-C (exit 130) as one line; anything else is a bug and keeps its
+    traceback."""
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        from ptft.errors import EXIT_FAILURE, EXIT_PREEMPTED, Preempted, TrainingFailed
+        from ptft.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted,
+                                 TrainingFailed)
+
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # A second Ctrl-C (the first one saves and stops at the step's end): no traceback.
+            message = str(exc) or "interrupted."
+            err_console.print(f"[red]interrupted:[/] {escape(message)}", highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED)
 
         # Expected ways for a run to end early: one line each, and a code a script can use.
         codes = {UsageError: EXIT_USAGE, Preempted: EXIT_PREEMPTED, TrainingFailed: EXIT_FAILURE}

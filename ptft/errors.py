@@ -12,6 +12,8 @@ EXIT_USAGE = 2
 # A run stopped by a signal (preemption, Ctrl-C) after saving a checkpoint. 75 is EX_TEMPFAIL
 # of sysexits.h, "try again later": a batch script requeues on it.
 EXIT_PREEMPTED = 75
+# Stopped at once by a second Ctrl-C, without saving: the shell's code for SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):

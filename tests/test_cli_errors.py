@@ -134,3 +134,14 @@ def test_bad_pretraining_inputs(files, overrides, words, tmp_path, cache_dir):
     result = run_ptft("pretrain", *TINY, *overrides, "run.dir=r", cwd=tmp_path, cache=cache_dir)
     assert_usage_error(result, *words)
     assert not (tmp_path / "r").exists()  # a run that could not start leaves nothing behind
+
+
+def test_a_second_ctrl_c_is_one_line_and_exit_130(capsys):
+    import typer
+
+    from ptft.cli import _usage_errors
+    with pytest.raises(typer.Exit) as info:
+        with _usage_errors():
+            raise KeyboardInterrupt("interrupted by a second Ctrl-C during step 8, without saving")
+    assert info.value.exit_code == 130
+    assert "interrupted:" in capsys.readouterr().err

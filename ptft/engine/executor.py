@@ -263,9 +263,16 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         progress.close()
         metrics.close()
         status = "preempted" if isinstance(err, Preempted) else "failed"
+        reason = str(err) or type(err).__name__
+        if isinstance(err, KeyboardInterrupt):  # the second Ctrl-C: out now, nothing saved
+            last = complete_checkpoints(run_dir / "checkpoints")
+            reason = (f"a second Ctrl-C stopped the run during step {state['step'] + 1}, without "
+                      "saving; " + (f"the last checkpoint is {last[-1]}: run the same command "
+                                    "to resume from it." if last else "no checkpoint yet."))
+            err = KeyboardInterrupt(reason)
         _write_summary(run_dir, {**summary, "status": status, "steps": state["step"],
-                                 "reason": str(err) or type(err).__name__}, world)
-        raise
+                                 "reason": reason}, world)
+        raise err from None
 
     # ---- finish ------------------------------------------------------------------------
     if not (evaluations and evaluations[-1]["step"] == total_steps):  # a resume may have it
