@@ -157,6 +157,31 @@ def _per_sample_losses(model, dataset: PackedSFT) -> dict[int, torch.Tensor]:
     return result
 
 
+def _first_fit_decreasing(lengths, capacity):
+    """The textbook version: each sample into the first bin (in opening order) with room."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_is_first_fit_decreasing_exactly(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    lengths = rng.integers(1, 513, size=n)
+    lengths[rng.random(n) < 0.3] = rng.integers(1, 40)  # ties, as real data has
+    lengths = lengths.tolist()
+    assert pack(lengths, 512, True) == _first_fit_decreasing(lengths, 512)
+
+
 def test_packed_and_unpacked_give_the_same_per_sample_losses(tmp_path, tokenizer, model):
     packed, unpacked = _dataset(tmp_path, tokenizer, True), _dataset(tmp_path, tokenizer, False)
     assert len(packed) < len(unpacked)  # packing did combine samples

@@ -151,17 +151,30 @@ def pack(lengths: Sequence[int], capacity: int, enabled: bool) -> list[list[int]
     decreasing: little padding, same result on every machine). Disabled: one per sequence."""
     if not enabled:
         return [[i] for i in range(len(lengths))]
+    # "The first bin with room" is found in a max-tree over the bins' free room, in O(log n)
+    # per sample: scanning the bins one by one made packing quadratic (40,000 samples took
+    # 6 s, a few hundred thousand minutes, every time a dataset was opened).
+    size = 1 << max(0, len(lengths) - 1).bit_length()  # a leaf per possible bin
+    most_room = [-1] * (2 * size)  # node: the most room of the bins below it (-1: none yet)
     bins: list[list[int]] = []
-    room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
+        need = lengths[i]
+        if most_room[1] >= need:  # descend to the leftmost bin that fits
+            node = 1
+            while node < size:
+                node = 2 * node if most_room[2 * node] >= need else 2 * node + 1
+            b = node - size
+            bins[b].append(i)
+            free = most_room[node] - need
         else:
+            b, node = len(bins), size + len(bins)
             bins.append([i])
-            room.append(capacity - lengths[i])
+            free = capacity - need
+        most_room[node] = free
+        node //= 2
+        while node:
+            most_room[node] = max(most_room[2 * node], most_room[2 * node + 1])
+            node //= 2
     return bins
 
 
