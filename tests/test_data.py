@@ -318,6 +318,19 @@ def test_token_blocks_shift_and_count(tmp_path, n, seq_len):
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
 
 
+def test_an_evaluation_subset_spans_the_whole_split(tmp_path):
+    from ptft.data.batches import eval_batches
+    seq_len = 2
+    np.arange(101, dtype=np.uint16).tofile(tmp_path / "t.bin")  # block i starts at token 2i
+    blocks = TokenBlocks(tmp_path / "t.bin", np.dtype(np.uint16), seq_len)  # 50 blocks
+    starts = [int(row[0]) // seq_len for batch in eval_batches(blocks, 4, 2)
+              for row in batch.inputs["input_ids"]]
+    assert starts == [0, 6, 12, 18, 25, 31, 37, 43]  # 8 blocks from all over, not the first 8
+    everything = [int(row[0]) // seq_len for batch in eval_batches(blocks, 4, 0)
+                  for row in batch.inputs["input_ids"]]
+    assert everything == list(range(50))
+
+
 def test_token_blocks_of_empty_file(tmp_path):
     (tmp_path / "t.bin").write_bytes(b"")
     assert len(TokenBlocks(tmp_path / "t.bin", np.dtype(np.uint16), 4)) == 0

@@ -88,7 +88,11 @@ class TrainStream:
 
 
 def eval_batches(dataset: Dataset, batch_size: int, max_batches: int) -> Iterator[Batch]:
-    """The first `max_batches` batches (0: all) of a dataset, in order: the same every time."""
+    """`max_batches` batches (0: all) of a dataset, the same every time. A subset is spread
+    evenly over the whole dataset rather than taken from its start: packed SFT rows are
+    ordered longest sample first and pre-training blocks by document, so the first rows alone
+    would measure the longest samples, or the first documents, only."""
     count = len(dataset) if max_batches == 0 else min(len(dataset), max_batches * batch_size)
+    rows = [i * len(dataset) // count for i in range(count)] if count else []
     for start in range(0, count, batch_size):
-        yield dataset.collate(range(start, min(start + batch_size, count)))
+        yield dataset.collate(rows[start:start + batch_size])
