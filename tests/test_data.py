@@ -297,6 +297,19 @@ def test_token_dtype_widens_for_big_vocabularies():
     assert token_dtype(65537) == np.uint32
 
 
+def test_token_type_is_chosen_by_the_largest_id_not_the_vocabulary_size():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ptft.data.tokens import id_bound
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 70_000}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert tokenizer("a b")["input_ids"] == [1, 70_000]
+    assert len(tokenizer) < 65_536 < id_bound(tokenizer)  # uint16 would wrap 70,000 to 4,464
+    assert token_dtype(id_bound(tokenizer)) == np.uint32
+
+
 @pytest.mark.parametrize("n,seq_len", [(1, 4), (4, 4), (5, 4), (9, 4), (10, 4), (23, 5), (64, 8)])
 def test_token_blocks_shift_and_count(tmp_path, n, seq_len):
     path = tmp_path / "t.bin"

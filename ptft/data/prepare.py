@@ -27,7 +27,7 @@ from ptft.config.schema import RootConfig, Task
 from ptft.data import classification, sft, sources, stdlib_tasks
 from ptft.data.batches import Dataset
 from ptft.data.tokenizer import TOKENIZER_FORMAT_VERSION, load_tokenizer, tokenizer_fingerprint, train_bpe
-from ptft.data.tokens import TokenBlocks, token_dtype, write_tokens
+from ptft.data.tokens import TokenBlocks, id_bound, token_dtype, write_tokens
 from ptft.errors import UsageError, first_line
 from ptft.models import check_model_path
 
@@ -94,7 +94,7 @@ def prepare_data(cfg: RootConfig) -> PreparedData:
     key = sources.fingerprint({"source": description, "tokenizer": tokenizer_fingerprint(tokenizer),
                                "settings": settings, "format": TOKENS_FORMAT_VERSION})
     tokens_dir = cache / "tokens" / key
-    dtype = token_dtype(len(tokenizer))
+    dtype = token_dtype(id_bound(tokenizer))
     tokens_cached = tokens_dir.is_dir()
     if not tokens_cached:
         with _building(tokens_dir) as tmp:

@@ -20,7 +20,15 @@ TOKENIZE_BATCH = 256
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest array type for ids below `vocab_size` (see id_bound)."""
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def id_bound(tokenizer) -> int:
+    """One more than the largest id the tokenizer can produce. Not len(tokenizer) alone: a
+    vocabulary with gaps in its ids has ids above its size, which a type chosen by the size
+    would silently wrap."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
 def write_tokens(texts: Iterable[str], tokenizer, path: Path, dtype: np.dtype) -> int:
