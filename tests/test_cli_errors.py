@@ -136,6 +136,14 @@ def test_bad_pretraining_inputs(files, overrides, words, tmp_path, cache_dir):
     assert not (tmp_path / "r").exists()  # a run that could not start leaves nothing behind
 
 
+def test_a_run_dir_the_user_made_survives_a_failed_start(tmp_path, cache_dir):
+    (tmp_path / "mine").mkdir()
+    result = run_ptft("pretrain", *TINY, "data=jsonl", "data.paths=[nowhere.jsonl]",
+                      "run.dir=mine", cwd=tmp_path, cache=cache_dir)
+    assert_usage_error(result, "nowhere.jsonl")
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_a_second_ctrl_c_is_one_line_and_exit_130(capsys):
     import typer
 

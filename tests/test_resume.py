@@ -130,6 +130,16 @@ def test_resume_from_an_explicit_checkpoint_path(uninterrupted, cache_dir):
     assert rows(work / "branch")[("train", 40)] == rows(work / "straight")[("train", 40)]
 
 
+def test_branching_off_inside_a_run_dir_with_later_checkpoints_is_refused(uninterrupted,
+                                                                          cache_dir):
+    work = uninterrupted
+    checkpoint = work / "straight" / "checkpoints" / "step-000030"
+    result = run_ptft("pretrain", *RESUMABLE, "run.dir=straight", f"run.resume={checkpoint}",
+                      cwd=work, cache=cache_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "step-000035" in result.stderr and "another run.dir" in result.stderr
+
+
 def test_rerunning_a_finished_run_repeats_nothing(uninterrupted, cache_dir):
     work = uninterrupted
     shutil.copytree(work / "straight", work / "again")

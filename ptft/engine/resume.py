@@ -38,6 +38,14 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
         if not (path / "COMPLETE").is_file():
             raise UsageError(f"run.resume={resume} is not a complete ptft checkpoint (no "
                              "COMPLETE marker): it was cut short or is not one.")
+        step = json.loads((path / "COMPLETE").read_text()).get("step", 0)
+        newer = [p.name for p in complete_checkpoints(root) if int(p.name.split("-")[1]) > step]
+        if newer:
+            # They belong to the run that went on from there: a later run.resume=auto would
+            # pick them up, and keep_last would rotate two histories into one.
+            raise UsageError(f"run.resume={resume} branches off at step {step}, but {root} "
+                             f"already holds later checkpoints ({', '.join(newer)}); resume "
+                             "into another run.dir, or delete them.")
         return path
     removed = remove_partial_checkpoints(root)  # first: it puts back a complete hidden copy
     existing = complete_checkpoints(root)

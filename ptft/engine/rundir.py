@@ -20,14 +20,14 @@ def check_run_name(name: str) -> str:
 def create_run_dir(explicit: str | None, root: str, stage: str,
                    name: str | None = None) -> tuple[Path, bool]:
     """`explicit` (run.dir) if given, else a new <root>/<stage>/<timestamp>[-N] folder; and
-    whether it is new (so a run that fails while starting can remove it again).
+    whether this call created it (so a run that fails while starting can remove it again).
 
     Fails early, before any work, when the location is not writable."""
     if name and not explicit:
         explicit = str(Path(root).expanduser() / stage / check_run_name(name))
     if explicit:
         path = Path(explicit).expanduser()
-        new = not path.exists() or not any(path.iterdir())
+        new = not path.exists()  # a folder the user made (even empty) is never removed
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
