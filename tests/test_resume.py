@@ -140,6 +140,22 @@ def test_branching_off_inside_a_run_dir_with_later_checkpoints_is_refused(uninte
     assert "step-000035" in result.stderr and "another run.dir" in result.stderr
 
 
+def test_resuming_on_changed_data_says_so(tmp_path, cache_dir):
+    corpus = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": f"line {i}: the quick brown fox jumps over dog {i % 7}."})
+             for i in range(300)]
+    corpus.write_text("\n".join(lines) + "\n")
+    args = [*TINY, "data=jsonl", "data.paths=[c.jsonl]", "train.save_every=4", "run.dir=r"]
+    first = run_ptft("pretrain", *args, "train.max_steps=4", cwd=tmp_path, cache=cache_dir)
+    assert first.returncode == 0, first.stderr
+    same = run_ptft("pretrain", *args, "train.max_steps=6", cwd=tmp_path, cache=cache_dir)
+    assert same.returncode == 0 and "differs from the checkpoint" not in same.stdout
+    corpus.write_text("\n".join(lines[:250]) + "\n")
+    changed = run_ptft("pretrain", *args, "train.max_steps=8", cwd=tmp_path, cache=cache_dir)
+    assert changed.returncode == 0, changed.stderr
+    assert "resuming from" in changed.stdout and "differs from the checkpoint" in changed.stdout
+
+
 def test_rerunning_a_finished_run_repeats_nothing(uninterrupted, cache_dir):
     work = uninterrupted
     shutil.copytree(work / "straight", work / "again")

@@ -135,7 +135,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
 
     # Where the loop starts: step 0, or exactly where the checkpoint left off.
     state = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "first_eval": None,
-             "interval": {"loss": 0.0, "targets": 0}}
+             "interval": {"loss": 0.0, "targets": 0},
+             "data_key": data.tokens_dir.name}  # the prepared tokens, named by their cache key
     kept_rows: list[dict] = []  # metrics of the steps before the checkpoint
     if resume_from:
         loaded = load_checkpoint(resume_from, model, optimizer, world)
@@ -144,7 +145,15 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                              f"{total_steps} steps; raise train.max_steps (or train.epochs), "
                              "or start a new run.dir.")
         stream.sampler.load_state_dict(loaded["sampler"])
-        state.update({k: loaded[k] for k in state if k in loaded})
+        if loaded.get("data_key", state["data_key"]) != state["data_key"]:
+            # Files edited, added or touched since (or a ptft that prepares them differently):
+            # the saved position now points into other data. Said, not refused: a corpus
+            # copied to another file system changes its stamps without changing its text.
+            console.print("[yellow]warning:[/] the training data differs from the "
+                          "checkpoint's (its files or their preparation changed): the run goes "
+                          "on from the saved position in the data as it is now.",
+                          highlight=False)
+        state.update({k: loaded[k] for k in state if k in loaded and k != "data_key"})
         if world.is_main:
             kept_rows = truncate_metrics(run_dir / "metrics.jsonl", state["step"])
         restore_rng(loaded)  # last: nothing between here and the loop may draw random numbers
