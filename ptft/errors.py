@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from typing import Iterable
@@ -18,6 +19,17 @@ EXIT_INTERRUPTED = 130
 
 class UsageError(Exception):
     """Bad usage, config or input. The message names the thing and says how to fix it."""
+
+
+@contextlib.contextmanager
+def writing_to(path, option: str = "--output"):
+    """Turn a failure to write the output the user named (no such folder, a file where a
+    folder should be, no permission, a full disk) into a UsageError naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}; choose another "
+                         f"{option}.") from None
 
 
 class Preempted(Exception):

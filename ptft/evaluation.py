@@ -15,7 +15,7 @@ def eval_config(target: Target, overrides: list[str]) -> RootConfig:
     stage. A `stage=` override chooses the stage (e.g. stage=pretrain data=python-docs)."""
     from omegaconf import OmegaConf
 
-    from ptft.config.compose import GROUPS, check_stage, compose, to_object
+    from ptft.config.compose import GROUPS, check_stage, compose, override, to_object
 
     keys = [o.lstrip("+~").split("=")[0] for o in overrides]
     if "model.path" in keys:
@@ -25,7 +25,8 @@ def eval_config(target: Target, overrides: list[str]) -> RootConfig:
                  None)
     rest = [o for o in overrides if not o.startswith("stage=")]
     if target.run_dir is None:
-        cfg = compose(check_stage(stage or "finetune"), [f"model.path={target.tokenizer_dir}", *rest])
+        cfg = compose(check_stage(stage or "finetune"),
+                      [override("model.path", target.tokenizer_dir), *rest])
         return to_object(cfg)
 
     run = load_run_yaml(target.run_dir)

@@ -25,6 +25,11 @@ def merge_into_base(target: Target, output: Path | None) -> Path:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+        # mkdtemp makes the folder private (0700), and the rename would keep that: give it
+        # the mode of any folder made here, so others sharing the file system can load it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
     except OSError as err:
         raise UsageError(f"cannot write {output}: {err.strerror}.") from None
     try:

@@ -181,7 +181,7 @@ def submit(stage: str, overrides: list[str], resources: Resources, dry_run: bool
            out=None) -> str:
     """Validate the run's config, write runs/<stage>/<name>.sbatch and submit it; returns the
     job id (or the script, with dry_run, which writes nothing)."""
-    from ptft.config.compose import compose, group_options
+    from ptft.config.compose import compose, group_options, override
     from ptft.engine.rundir import check_run_name
     from ptft.errors import did_you_mean
 
@@ -211,7 +211,9 @@ def submit(stage: str, overrides: list[str], resources: Resources, dry_run: bool
         resources.output = str(run_dir.parent / f"{run_dir.name}.out")
     if resources.job_name == Resources.job_name:
         resources.job_name = f"ptft-{stage}"
-    script = render(resources, [stage, *overrides, f"run.dir={run_dir}"], python=sys.executable,
+    arguments = [*overrides, override("run.dir", run_dir)]
+    compose(stage, arguments)  # what the job will run, checked here rather than in the queue
+    script = render(resources, [stage, *arguments], python=sys.executable,
                     comment=f"Written by `ptft submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}; "
                             f"run directory {run_dir}.\nResubmit (resumes): sbatch {script_path}")
     if dry_run:

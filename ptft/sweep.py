@@ -8,9 +8,15 @@ composed and validated before the first job starts, so a typo fails the sweep up
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ptft.config import compose as composing
-from ptft.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, UsageError, first_line
+from ptft.errors import (EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE, Preempted, TrainingFailed,
+                         UsageError, first_line)
+
+# The jobs of this sweep that failed, as (exit code, job number): a failed job (a diverging
+# learning rate, a bad file) does not stop the others; the sweep's exit code reports it.
+_failed: list[tuple[int, int]] = []
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -38,7 +44,15 @@ def run_multirun(stage: str, overrides: list[str]) -> None:
     sys.argv = ["ptft", "--multirun", f"stage={stage}", *overrides]
     entry = hydra.main(config_path=str(composing.config_dir()), config_name="config",
                        version_base="1.3")(_job)
+    _failed.clear()
     entry()
+    if _failed:  # with a local launcher; a cluster launcher's jobs report in their own logs
+        from rich.console import Console
+        listed = ", ".join(f"job {num} (exit {code})" for code, num in _failed)
+        Console(stderr=True).print(f"[red]sweep:[/] {len(_failed)} of {len(jobs)} jobs failed: "
+                                   f"{listed}", highlight=False)
+        raise SystemExit(EXIT_USAGE if all(c == EXIT_USAGE for c, _ in _failed)
+                         else EXIT_FAILURE)
 
 
 def _job(cfg) -> dict:
@@ -51,18 +65,37 @@ def _job(cfg) -> dict:
 
     console = Console()
     requeue_with_submitit = _submitit_signal_to_ptft()
+    job = HydraConfig.get().job.num
     try:
         composing.validate(cfg)
         run = composing.to_object(cfg)
-        run.run.dir = run.run.dir or HydraConfig.get().runtime.output_dir
+        run.run.dir = _job_dir(run, job) or HydraConfig.get().runtime.output_dir
         return execute(run, console)
-    except UsageError as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
-        sys.exit(EXIT_USAGE)
+    except (UsageError, TrainingFailed) as err:
+        console.print(f"[red]error:[/] job {job}: {escape(str(err))}", highlight=False)
+        _failed.append((EXIT_USAGE if isinstance(err, UsageError) else EXIT_FAILURE, job))
+        if "BasicLauncher" not in str(HydraConfig.get().launcher.get("_target_", "")):
+            sys.exit(_failed[-1][0])  # a process of its own (a cluster job): its code tells
+        return {"status": "failed", "reason": str(err)}
     except Preempted as err:
         console.print(f"[red]stopped:[/] {escape(str(err))}", highlight=False)
         requeue_with_submitit()  # the checkpoint is saved: now submitit may requeue the job
         sys.exit(EXIT_PREEMPTED)
+
+
+def _job_dir(run, job: int) -> str | None:
+    """run.dir or run.name given to a sweep names the sweep's folder, one job-N per job
+    inside (as Hydra's own multirun-<time>/job-N): taken as is, every job would write into
+    the same run directory. None: Hydra's folder."""
+    from ptft.engine.rundir import check_run_name
+
+    if run.run.dir:
+        base = Path(run.run.dir)
+    elif run.run.name:
+        base = Path(run.run.root) / run.stage.name / check_run_name(run.run.name)
+    else:
+        return None
+    return str(base / f"job-{job}")
 
 
 def _submitit_signal_to_ptft():

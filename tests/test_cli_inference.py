@@ -76,6 +76,8 @@ def test_merge_lora_writes_a_plain_model_with_the_same_logits(runs, cache_dir):
     assert (run_dir / "merged" / "model.safetensors").is_file()
     assert (run_dir / "merged" / "tokenizer.json").is_file()
     assert not list(run_dir.glob(".merged*")), "temporary folder left behind"
+    # As readable as final/ (mkdtemp's 0700 would lock out others on a shared file system).
+    assert (run_dir / "merged").stat().st_mode & 0o777 == (run_dir / "final").stat().st_mode & 0o777
     # Plain transformers + peft, no ptft: the merged model computes what base + LoRA does.
     code = f"""
 import json, sys, torch
@@ -119,6 +121,16 @@ def test_eval_of_a_run_reproduces_its_final_evaluation(runs, cache_dir):
     assert summary.get("eval_loss") is not None, "the fine-tuning run had no eval split"
     assert figures["eval_loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
     assert figures["eval_ppl"] == pytest.approx(math.exp(figures["eval_loss"]))
+
+
+def test_eval_of_a_model_dir_whose_name_hydra_would_split(runs, cache_dir):
+    import shutil
+    odd = runs["work"] / "model,v2 (copy)"
+    shutil.copytree(runs["pre"] / "final", odd)
+    result = run_ptft("eval", str(odd), "--json", "data=docstrings", "data.max_documents=40",
+                      cwd=runs["work"], cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["eval_loss"] > 0
 
 
 def test_eval_of_a_classifier_reports_accuracy(runs, cache_dir):

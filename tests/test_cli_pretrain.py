@@ -120,6 +120,20 @@ def test_multirun_makes_one_run_per_value(cache_dir, tmp_path):
     assert lrs == [3e-4, 1e-3]
 
 
+def test_a_sweep_into_run_dir_gives_each_job_its_folder_and_survives_a_failed_job(
+        cache_dir, tmp_path):
+    # lr=1e30 diverges at once; the other job must still run, and the sweep exit non-zero.
+    result = run_ptft("pretrain", "-m", *TINY, "train.lr=1e30,1e-3", "train.max_steps=3",
+                      "train.warmup_steps=0", "train.grad_clip=null", "train.save_every=0",
+                      "run.dir='lr,sweep'", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert "1 of 2 jobs failed: job 0 (exit 1)" in result.stderr
+    jobs = tmp_path / "lr,sweep"
+    statuses = [json.loads((jobs / f"job-{n}" / "summary.json").read_text())["status"]
+                for n in (0, 1)]
+    assert statuses == ["failed", "finished"]
+
+
 def test_python_dash_m_works_like_the_command(tmp_path, cache_dir):
     result = run_ptft("config", "train.lr=0.5", cwd=tmp_path, cache=cache_dir, module=True)
     assert result.returncode == 0, result.stderr

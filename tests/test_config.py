@@ -196,3 +196,14 @@ def test_numbers_at_their_bounds_are_accepted():
                                "train.grad_clip=null", "train.warmup_steps=0",
                                "data.eval_fraction=0"])
     assert cfg.train.eval_every == 0 and cfg.train.grad_clip is None
+
+
+@pytest.mark.parametrize("value", ["/runs/plain", "lr,sweep", "exp(1)", "[x]", "it's",
+                                   "back\\slash", "ends\\", "q\\'x", "sp ace", "k=v"])
+def test_override_quotes_values_hydra_would_parse(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ptft.config.compose import override
+    text = override("run.dir", value)
+    assert OverridesParser.create().parse_override(text).value() == value
+    assert compose("pretrain", [text]).run.dir == value

@@ -128,6 +128,12 @@ def test_plot_writes_a_png_and_draws_sparklines(workspace, cache_dir):
     assert any(c in spark.stdout for c in "▁▂▃▄▅▆▇█")
     bad = run_ptft("plot", "runs/pretrain/base", "--x", "epochs", cwd=work, cache=cache_dir)
     assert bad.returncode == 2 and "step, tokens" in bad.stderr
+    # A file where the output's folder should be: one line naming it, not a traceback.
+    (work / "a-file").write_text("")
+    unwritable = run_ptft("plot", "runs/pretrain/base", "-o", "a-file/loss.png", cwd=work,
+                          cache=cache_dir)
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    assert "cannot write a-file/loss.png" in unwritable.stderr
 
 
 def test_plot_without_matplotlib_names_the_extra(workspace, cache_dir, tmp_path):

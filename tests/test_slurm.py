@@ -107,6 +107,20 @@ def test_submit_dry_run_prints_the_script_and_writes_nothing(tmp_path, cache_dir
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
+def test_submit_quotes_a_run_dir_that_hydra_would_split(tmp_path, cache_dir):
+    import shlex
+
+    from ptft.config.compose import compose
+    work = tmp_path / "exp,v2 (old)"
+    work.mkdir()
+    result = run_ptft("submit", "--dry-run", "--gpus-per-node", "0", "train.lr=3e-4",
+                      "run.name=big", cwd=work, cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    line = next(l for l in result.stdout.splitlines() if l.startswith("set -- "))
+    stage, *overrides = shlex.split(line)[2:]  # what bash hands ptft in the job
+    assert compose(stage, overrides).run.dir == f"{work}/runs/pretrain/big"
+
+
 def test_submit_checks_overrides_and_needs_sbatch(tmp_path, cache_dir):
     result = run_ptft("submit", "train.lrr=1", cwd=tmp_path, cache=cache_dir)
     assert result.returncode == 2 and "unknown key 'train.lrr'" in result.stderr

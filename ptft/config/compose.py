@@ -33,6 +33,22 @@ def config_dir() -> Path:
     return Path(str(resources.files("ptft.configs")))
 
 
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./~@+-]+")
+
+
+def override(key: str, value: object) -> str:
+    """`key=value` for a value ptft passes on (a path, a name), quoted the Hydra way when it
+    holds characters Hydra's override grammar reads ('a,b' is a sweep, '(' a function call,
+    '[' a list): a run directory named 'lr=1e-3,wd' must stay one value."""
+    text = str(value)
+    if _PLAIN_VALUE.fullmatch(text):
+        return f"{key}={text}"
+    # In a quoted value only quotes and the backslashes right before one are special.
+    escaped = re.sub(r"(\\*)(')", lambda m: m.group(1) * 2 + "\\'", text)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"{key}='{escaped}'"
+
+
 def check_stage(stage: str) -> str:
     """`stage` if it names a stage option, else a UsageError with the closest one."""
     stages = group_options("stage")

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ptft.errors import EXIT_PREEMPTED, EXIT_USAGE, Preempted, TrainingFailed, UsageError
+from ptft.errors import (EXIT_PREEMPTED, EXIT_USAGE, Preempted, TrainingFailed, UsageError,
+                         writing_to)
 from ptft.reports.plot import draw_png, import_pyplot, load_curves
 from ptft.reports.rundata import dir_size, load_run, read_metrics, resolve_run
 from ptft.reports.runs import duration, fmt, pct, print_fitted, short_model
@@ -74,7 +75,7 @@ def compare(arguments: list[str], output: str | None, methods: str,
 
 def _run_methods(overrides: list[str], output: str | None, methods: str,
                  console: Console) -> tuple[Path, list[Path], list[str], list[str]]:
-    from ptft.config.compose import compose
+    from ptft.config.compose import compose, override
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     if not chosen:
@@ -98,8 +99,8 @@ def _run_methods(overrides: list[str], output: str | None, methods: str,
     run_dirs, commands, failed = [], [], []
     for i, method in enumerate(chosen, 1):
         run_dir = out / method
-        args = ["finetune", f"method={method}", *overrides, f"model.path={base}",
-                f"run.dir={run_dir}"]
+        args = ["finetune", f"method={method}", *overrides, override("model.path", base),
+                override("run.dir", run_dir)]
         command = "ptft " + " ".join(_quote(a) for a in args)
         commands.append(command)
         console.print(f"\n[bold]compare {i}/{len(chosen)}:[/] {escape(command)}", highlight=False)
@@ -204,7 +205,8 @@ def write_report(run_dirs: list[Path], out: Path, commands: list[str]) -> Path:
     classification = any(r["eval_accuracy"] is not None for r in records)
     header = [c.format(quality="eval accuracy" if classification else "eval perplexity")
               for c in COLUMNS]
-    out.mkdir(parents=True, exist_ok=True)
+    with writing_to(out):
+        out.mkdir(parents=True, exist_ok=True)
     curves = [load_curves(d, r["label"]) for d, r in zip(run_dirs, records)]
     bases = sorted({short_model(r["model"]) for r in records})
     data = sorted({r["data"] or "-" for r in records})
@@ -242,7 +244,8 @@ def write_report(run_dirs: list[Path], out: Path, commands: list[str]) -> Path:
     if commands:
         lines += ["Commands run:", "", "```", *commands, "```", ""]
     report = out / "report.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
+    with writing_to(report):
+        report.write_text("\n".join(lines), encoding="utf-8")
     return report
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ptft.errors import UsageError
+from ptft.errors import UsageError, writing_to
 from ptft.reports.rundata import load_run, read_metrics, resolve_run
 from ptft.reports.runs import count
 
@@ -90,9 +90,12 @@ def draw_png(runs: list[Curves], x: str, output: Path, title: str) -> Path:
         handles, labels = ax_train.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(runs), 4),
                frameon=False, fontsize=10)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
+    try:
+        with writing_to(output):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(output, dpi=120)
+    finally:
+        plt.close(fig)
     return output
 
 
