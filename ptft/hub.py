@@ -33,7 +33,8 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 def prepare_for_hub() -> bool:
     """Call before loading anything by hub name. Returns True when the hub is reachable;
     otherwise switches the HF libraries to offline mode (cache only) and returns False."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    # Read as huggingface_hub reads it: 1/ON/YES/TRUE in any case; anything else is online.
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return False
     if hub_reachable():
         return True

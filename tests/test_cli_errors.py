@@ -153,3 +153,14 @@ def test_a_second_ctrl_c_is_one_line_and_exit_130(capsys):
             raise KeyboardInterrupt("interrupted by a second Ctrl-C during step 8, without saving")
     assert info.value.exit_code == 130
     assert "interrupted:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("on", True), ("YES", True),
+                                            ("0", False), ("off", False), ("no", False)])
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(value, offline, monkeypatch):
+    from ptft import hub
+    probed = []
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: probed.append(1) or True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub.prepare_for_hub() is not offline
+    assert bool(probed) is not offline  # online settings look for the hub; offline ones don't
