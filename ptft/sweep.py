@@ -41,7 +41,8 @@ def run_multirun(stage: str, overrides: list[str]) -> None:
         composing.compose(stage, [o for o in job])
     import hydra
 
-    sys.argv = ["ptft", "--multirun", f"stage={stage}", *overrides]
+    sys.argv = ["ptft", "--multirun", f"stage={stage}",
+                *composing.with_option_keys(stage, overrides)]
     entry = hydra.main(config_path=str(composing.config_dir()), config_name="config",
                        version_base="1.3")(_job)
     _failed.clear()

@@ -1,4 +1,6 @@
 """Tests for composing the YAML config groups with overrides and checking them against the schema."""
+import dataclasses
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,46 @@ def test_override_quotes_values_hydra_would_parse(value):
     text = override("run.dir", value)
     assert OverridesParser.create().parse_override(text).value() == value
     assert compose("pretrain", [text]).run.dir == value
+
+
+def _as_override(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _option_fields():
+    from ptft.config.schema import METHOD_SCHEMAS, STAGE_SCHEMAS
+    for block, schemas in (("method", METHOD_SCHEMAS), ("stage", STAGE_SCHEMAS)):
+        for option, schema in schemas.items():
+            for f in dataclasses.fields(schema):
+                if f.name != "name":
+                    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    yield block, option, f.name, default
+
+
+@pytest.mark.parametrize("block, option, key, default", list(_option_fields()),
+                         ids=lambda v: str(v) if isinstance(v, str) else "")
+def test_every_key_of_a_stage_or_method_option_can_be_set_without_plus(block, option, key,
+                                                                        default):
+    """Option YAMLs name only some of their schema's keys (use_dora, train_on_prompt, ...);
+    the documented `method.use_dora=true` must not need Hydra's `+`."""
+    stage = option if block == "stage" else "finetune"
+    choice = [f"method={option}"] if block == "method" else []
+    from ptft.config.compose import override
+    setting = (override(f"{block}.{key}", default) if isinstance(default, str)
+               else f"{block}.{key}={_as_override(default)}")
+    cfg = compose(stage, [*choice, setting])
+    assert cfg[block][key] == default or (default is None and cfg[block][key] is None)
+
+
+def test_a_bad_value_for_an_option_key_shows_the_value_not_a_template():
+    with pytest.raises(UsageError) as info:
+        compose("finetune", ["method=lora", "method.use_dora=maybe"])
+    assert "'maybe' is not a valid bool" in str(info.value) and "$VALUE" not in str(info.value)

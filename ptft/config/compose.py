@@ -7,6 +7,8 @@ suggests the closest valid name.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from importlib import resources
 from pathlib import Path
@@ -69,7 +71,7 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
     `~key` resets a key to its schema default (a typed config has no missing keys).
     Raises UsageError for unknown keys or options, wrong types and malformed overrides.
     """
-    hydra_overrides, resets = _split_resets(overrides)
+    hydra_overrides, resets = _split_resets(with_option_keys(stage, overrides))
     hydra_overrides.insert(0, f"stage={stage}")
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -84,6 +86,31 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
     for key in resets:
         _reset_to_default(cfg, key)
     return cfg
+
+
+def with_option_keys(stage: str, overrides: list[str]) -> list[str]:
+    """`overrides`, with those that set a key of the chosen stage or method option that its
+    YAML leaves out (method.use_dora, stage.train_on_prompt: documented, typed, defaulted in
+    the option's schema) turned into Hydra's add-or-override `++key=value`. Hydra composes
+    the open stage and method blocks from the YAML alone, so it would refuse them; the schema
+    check in validate() still applies to what they set."""
+    methods = [v for o in overrides if o.split("=")[0] == "method" for v in o.split("=", 1)[1]
+               .split(",")] or [_default_option("method")]
+    schemas = [STAGE_SCHEMAS.get(stage), *(METHOD_SCHEMAS.get(m) for m in methods)]
+    keys = {f"{block}.{f.name}" for block, schema in zip(["stage"] + ["method"] * len(methods),
+                                                         schemas)
+            if schema is not None for f in dataclasses.fields(schema)}
+    return [f"++{o}" if not o.startswith(("+", "~")) and o.split("=")[0] in keys else o
+            for o in overrides]
+
+
+@functools.cache
+def _default_option(group: str) -> str:
+    """The option config.yaml's defaults list picks for `group`."""
+    import yaml
+
+    defaults = yaml.safe_load((config_dir() / "config.yaml").read_text())["defaults"]
+    return next(d[group] for d in defaults if isinstance(d, dict) and group in d)
 
 
 def _split_resets(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -234,7 +261,11 @@ def explain(err: Exception, cfg: DictConfig | None) -> str:
                   ("not in struct", "Could not override", "not in '", "does not exist"))
     if unknown:
         return _unknown_key_message(key, cfg)
-    return f"invalid value for '{key}': {first_line(cause or err)}"
+    # OmegaConf keeps the filled-in message in .msg; str() of a chained copy can still show
+    # its template ("Value '$VALUE' is not a valid bool").
+    detail = next((m for m in (getattr(e, "msg", None) for e in (err, cause))
+                   if isinstance(m, str) and "$" not in m), None)
+    return f"invalid value for '{key}': {first_line(detail or cause or err)}"
 
 
 def _failing_key(err: BaseException) -> str | None:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ptft.config.compose import GROUPS, compose, config_dir
+from ptft.config.compose import GROUPS, compose, config_dir, with_option_keys
 
 SCHEMA = "schema default"
 COMMAND_LINE = "command line"
@@ -62,7 +62,7 @@ def _layers(stage: str, overrides: list[str]) -> list[tuple[str, dict]]:
     from hydra import initialize_config_dir
 
     root = config_dir()
-    hydra_overrides = [f"stage={stage}"] + [o for o in overrides
+    hydra_overrides = [f"stage={stage}"] + [o for o in with_option_keys(stage, overrides)
                                             if not (o.startswith("~") and "=" not in o)]
     with initialize_config_dir(config_dir=str(root), version_base="1.3"):
         choices = hydra_compose(config_name="config", overrides=hydra_overrides,
