@@ -109,6 +109,17 @@ def test_chunked_loss_is_on_by_default_wherever_the_model_allows_it():
         _chunked_loss(True, prompt, "lm")  # asked for: said why not, before any work
 
 
+@pytest.mark.parametrize("scaling, chunked", [(8.0, False), (1.0, True)])
+def test_chunked_loss_keeps_out_of_models_that_scale_their_logits(scaling, chunked):
+    """Granite divides its logits by logits_scaling: a loss from the hidden states through
+    the bare projection would train another model than the one saved."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+    model = GraniteForCausalLM(GraniteConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, logits_scaling=scaling))
+    assert _chunked_loss(None, model, "lm") is chunked
+
+
 def test_precision_auto_takes_bf16_on_cpus_with_native_bf16():
     assert cpu_runs_bf16_natively("processor: 0\nflags\t\t: fpu avx512f avx512_bf16 sse\n")
     assert cpu_runs_bf16_natively("flags\t\t: fpu amx_bf16 amx_tile\n")

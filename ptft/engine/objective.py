@@ -115,7 +115,11 @@ def chunked_loss_problem(model) -> str | None:
     base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     config = getattr(base, "config", None)
-    scaled = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    # Logit processing some architectures do after the projection, which a loss computed from
+    # the hidden states would silently leave out: soft-capping (Gemma 2/3), a multiplier
+    # (Cohere's logit_scale) or a divisor (Granite's logits_scaling). 1 is the identity.
+    scaled = getattr(config, "final_logit_softcapping", None) or any(
+        getattr(config, k, None) not in (None, 1) for k in ("logit_scale", "logits_scaling"))
     if type(head) is not torch.nn.Linear or scaled or \
             not _supports_logits_to_keep(type(base)):
         return (f"it needs a causal LM whose logits are a plain linear projection of its last "
