@@ -102,13 +102,25 @@ def load_model(path: str, trust_remote_code: bool = False, task: str = "lm",
             if pad_token_id is None:
                 pad_token_id = _tokenizer_pad_id(source, trust_remote_code)
             config.pad_token_id = pad_token_id
-            return AutoModelForSequenceClassification.from_pretrained(source, config=config,
-                                                                      **common)
-        return AutoModelForCausalLM.from_pretrained(source, config=config, **common)
+            return _with_sdpa_if_supported(AutoModelForSequenceClassification, source,
+                                           config=config, **common)
+        return _with_sdpa_if_supported(AutoModelForCausalLM, source, config=config, **common)
     except OSError as err:
         raise UsageError(f"could not load model.path={path}: {first_line(err)} "
                          "Use a local model directory, or check the name and your network "
                          "(the hub needs one).") from None
+
+
+def _with_sdpa_if_supported(auto_class, source: str, **kwargs) -> PreTrainedModel:
+    """SDPA attention (PyTorch's fused kernels) where the architecture has it, else its own
+    default: some (Gemma 2's soft-capped attention, older remote code) refuse SDPA."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except ValueError as err:
+        if "attention implementation" not in str(err) and "sdpa" not in str(err).lower():
+            raise
+        kwargs.pop("attn_implementation")
+        return auto_class.from_pretrained(source, **kwargs)
 
 
 def _tokenizer_pad_id(source: str, trust_remote_code: bool) -> int:

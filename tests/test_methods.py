@@ -62,3 +62,33 @@ def test_lora_with_targets_the_model_lacks_is_a_usage_error():
     from ptft.errors import UsageError
     with pytest.raises(UsageError, match="method.target_modules"):
         apply_method(tiny("llama"), LoraMethodConfig(target_modules=["nope_proj"]), "lm")
+
+
+@pytest.mark.parametrize("method", [LoraMethodConfig, IA3MethodConfig])
+def test_a_misspelled_target_next_to_a_good_one_is_a_usage_error(method):
+    """peft adapts q_proj alone and says nothing: the typo would go unnoticed."""
+    from ptft.errors import UsageError
+    with pytest.raises(UsageError, match="v_projj matched no layer.*Did you mean 'v_proj'"):
+        apply_method(tiny("llama"), method(target_modules=["q_proj", "v_projj"]), "lm")
+    model = apply_method(tiny("llama"), method(target_modules=["q_proj", "v_proj"]), "lm")
+    assert count_parameters(model)[1] > 0
+
+
+def test_prompt_tuning_refuses_classification():
+    from ptft.errors import UsageError
+    with pytest.raises(UsageError, match="would read padding"):
+        apply_method(tiny("llama"), PromptTuningMethodConfig(), "classification")
+
+
+def test_a_model_without_sdpa_attention_loads_with_its_own(tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from ptft.data.tokenizer import train_bpe
+    from ptft.models import load_model
+    tokenizer = train_bpe(["some text for a tokenizer"] * 20, 300)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   intermediate_size=64)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert type(model).__name__ == "Gemma2ForCausalLM"

@@ -52,11 +52,38 @@ def _peft_config(model: torch.nn.Module, cfg, task: str):
 def apply(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
     from peft import get_peft_model
 
+    if cfg.name == "prompt_tuning" and task == "classification":
+        # peft feeds prompt tuning's base model embeddings, not token ids, and a transformers
+        # classifier given no ids pools the last position: padding, for every row shorter
+        # than its batch. The same text would then score differently by its batch mates.
+        raise UsageError("method=prompt_tuning trains language models here, not classifiers "
+                         "(the classification head would read padding); use method=lora, "
+                         "ia3 or adapter for data=stdlib-topics and other classification.")
+    layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
     try:
-        return get_peft_model(model, _peft_config(model, cfg, task))
+        adapted = get_peft_model(model, _peft_config(model, cfg, task))
     except ValueError as err:  # e.g. target modules that the model does not have
         raise UsageError(f"method={cfg.name}: {str(err).splitlines()[0]} Check "
                          "method.target_modules against the model's module names.") from None
+    _check_every_target_matched(adapted, getattr(cfg, "target_modules", None), layers)
+    return adapted
+
+
+def _check_every_target_matched(model, targets: list[str] | None, layers: list[str]) -> None:
+    """peft fails only when no target matches: with method.target_modules=[q_proj, v_projj]
+    it would adapt q_proj alone and say nothing of the typo."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not targets:
+        return
+    adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    missed = [t for t in targets if not any(n == t or n.endswith("." + t) for n in adapted)]
+    if missed:
+        from ptft.errors import did_you_mean
+        hints = "".join(did_you_mean(t, layers) for t in missed)
+        raise UsageError(f"method.target_modules: {', '.join(missed)} matched no layer of the "
+                         f"model.{hints} Its linear layers: {', '.join(layers)}.")
 
 
 def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
