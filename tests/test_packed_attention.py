@@ -154,3 +154,21 @@ def test_not_for_prompt_tuning_gpus_or_other_attention(tokenizer, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert reloaded.config._attn_implementation != NAME
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_packing_refuses_a_sliding_window_shorter_than_the_samples_can_be():
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    from ptft.engine.packed_attention import check_sliding_window
+    from ptft.errors import UsageError
+    shape = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, intermediate_size=64)
+    mistral = MistralForCausalLM(MistralConfig(sliding_window=4, **shape))
+    with pytest.raises(UsageError, match="sliding window of 4 tokens"):
+        check_sliding_window(mistral, packed=True, seq_len=8)
+    check_sliding_window(mistral, packed=True, seq_len=4)   # no sample outgrows the window
+    check_sliding_window(mistral, packed=False, seq_len=8)  # transformers' masks apply it
+    qwen = Qwen2ForCausalLM(Qwen2Config(sliding_window=4, use_sliding_window=False, **shape))
+    check_sliding_window(qwen, packed=True, seq_len=8)      # a window it does not use
+    check_sliding_window(LlamaForCausalLM(LlamaConfig(**shape)), packed=True, seq_len=8)

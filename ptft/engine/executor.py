@@ -35,7 +35,7 @@ from ptft.engine.metrics import MetricsLog, check_loggers
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
                                    is_prompt_learning)
 from ptft.engine.optim import build_optimizer, lr_at, planned_steps
-from ptft.engine.packed_attention import use_packed_attention
+from ptft.engine.packed_attention import check_sliding_window, use_packed_attention
 from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import (checkpoint_config, compare_configs, find_checkpoint,
                                 set_aside_stale_metrics, truncate_metrics)
@@ -100,6 +100,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         model = apply_method(model, cfg.method, data.task)
         store_frozen_projections_in(model, amp_dtype)  # before the move: half the transfer
         model = model.to(device)
+        check_sliding_window(model, getattr(data.train, "packing", False), t.seq_len)
         # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
         packed_attention = not t.compile and use_packed_attention(model, device)
         total_params, trainable_params = count_parameters(model)

@@ -96,6 +96,35 @@ def use_packed_attention(model: torch.nn.Module, device: torch.device) -> bool:
     return config._attn_implementation == NAME
 
 
+def check_sliding_window(model: torch.nn.Module, packed: bool, seq_len: int) -> None:
+    """Packed rows carry a block-diagonal mask (and this attention runs each sample with a
+    plain causal mask): neither holds a sliding window, so a model that attends through one
+    (Mistral, Gemma's local layers) would see further back than it was built to, in samples
+    longer than the window. Unpacked batches get the window from transformers' own masks."""
+    from ptft.engine.flops import unwrap_model
+
+    config = getattr(unwrap_model(model), "config", None)
+    window = sliding_window(config) if packed else None
+    if window is not None and window < seq_len:
+        from ptft.errors import UsageError
+        raise UsageError(f"data.packing=true: the model attends through a sliding window of "
+                         f"{window} tokens, which packed rows do not apply, and "
+                         f"train.seq_len={seq_len} allows longer samples. Set "
+                         f"data.packing=false, or train.seq_len<={window}.")
+
+
+def sliding_window(config) -> int | None:
+    """The window of a model with sliding-window attention in any layer, else None."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None  # Qwen2 carries a window that it does not use by default
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 def uses_packed_attention(model: torch.nn.Module) -> bool:
     from ptft.engine.flops import unwrap_model
 
