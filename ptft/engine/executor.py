@@ -26,7 +26,7 @@ from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
 from ptft.engine.allocator import keep_freed_memory
 from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_model_state,
-                                    load_checkpoint, restore_rng, save_checkpoint)
+                                    save_checkpoint)
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
 from ptft.engine.flops import TrainingMeter, device_peak_flops, training_flops
@@ -37,8 +37,7 @@ from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, e
 from ptft.engine.optim import build_optimizer, lr_at, planned_steps
 from ptft.engine.packed_attention import check_sliding_window, use_packed_attention
 from ptft.engine.progress import ProgressReporter
-from ptft.engine.resume import (checkpoint_config, compare_configs, find_checkpoint,
-                                set_aside_stale_metrics, truncate_metrics)
+from ptft.engine.resume import checkpoint_config, compare_configs, continue_from, find_checkpoint
 from ptft.engine.rundir import create_run_dir
 from ptft.engine.signals import StopRequests, ignore_launcher_stop
 from ptft.errors import Preempted, TrainingFailed, UsageError, redact_secrets
@@ -138,28 +137,9 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
     state = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "first_eval": None,
              "interval": {"loss": 0.0, "targets": 0},
              "data_key": data.tokens_dir.name}  # the prepared tokens, named by their cache key
-    kept_rows: list[dict] = []  # metrics of the steps before the checkpoint
-    if resume_from:
-        loaded = load_checkpoint(resume_from, model, optimizer, world)
-        if loaded["step"] > total_steps:
-            raise UsageError(f"{resume_from} is at step {loaded['step']}, past this run's "
-                             f"{total_steps} steps; raise train.max_steps (or train.epochs), "
-                             "or start a new run.dir.")
-        stream.sampler.load_state_dict(loaded["sampler"])
-        if loaded.get("data_key", state["data_key"]) != state["data_key"]:
-            # Files edited, added or touched since (or a ptft that prepares them differently):
-            # the saved position now points into other data. Said, not refused: a corpus
-            # copied to another file system changes its stamps without changing its text.
-            console.print("[yellow]warning:[/] the training data differs from the "
-                          "checkpoint's (its files or their preparation changed): the run goes "
-                          "on from the saved position in the data as it is now.",
-                          highlight=False)
-        state.update({k: loaded[k] for k in state if k in loaded and k != "data_key"})
-        if world.is_main:
-            kept_rows = truncate_metrics(run_dir / "metrics.jsonl", state["step"])
-        restore_rng(loaded)  # last: nothing between here and the loop may draw random numbers
-    elif world.is_main:
-        set_aside_stale_metrics(run_dir / "metrics.jsonl", console)
+    # Metrics of the steps before the checkpoint; a run started over sets old ones aside.
+    kept_rows = continue_from(resume_from, model, optimizer, stream.sampler, state, total_steps,
+                              run_dir / "metrics.jsonl", world, console)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main,

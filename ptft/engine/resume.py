@@ -91,6 +91,36 @@ def checkpoint_config(path: Path) -> dict:
     return yaml.safe_load((path / "config.yaml").read_text())
 
 
+def continue_from(checkpoint: Path | None, model, optimizer, sampler, state: dict,
+                  total_steps: int, metrics_path: Path, world, console) -> list[dict]:
+    """Put the run where `checkpoint` left it (weights, optimizer, data position, `state`,
+    RNG) and return the metric rows written up to there; with no checkpoint, set aside the
+    metrics of an earlier attempt and return none."""
+    from ptft.engine.checkpoint import load_checkpoint, restore_rng
+
+    if checkpoint is None:
+        if world.is_main:
+            set_aside_stale_metrics(metrics_path, console)
+        return []
+    loaded = load_checkpoint(checkpoint, model, optimizer, world)
+    if loaded["step"] > total_steps:
+        raise UsageError(f"{checkpoint} is at step {loaded['step']}, past this run's "
+                         f"{total_steps} steps; raise train.max_steps (or train.epochs), or "
+                         "start a new run.dir.")
+    sampler.load_state_dict(loaded["sampler"])
+    if loaded.get("data_key", state["data_key"]) != state["data_key"]:
+        # Files edited, added or touched since (or a ptft that prepares them differently): the
+        # saved position now points into other data. Said, not refused: a corpus copied to
+        # another file system changes its stamps without changing its text.
+        console.print("[yellow]warning:[/] the training data differs from the checkpoint's "
+                      "(its files or their preparation changed): the run goes on from the "
+                      "saved position in the data as it is now.", highlight=False)
+    state.update({k: loaded[k] for k in state if k in loaded and k != "data_key"})
+    kept = truncate_metrics(metrics_path, state["step"]) if world.is_main else []
+    restore_rng(loaded)  # last: nothing between here and the loop may draw random numbers
+    return kept
+
+
 def truncate_metrics(path: Path, step: int) -> list[dict]:
     """Drop metric rows after `step`, so a resumed run continues metrics.jsonl without
     duplicate steps (rows past the checkpoint were written by the run that died); return the
