@@ -83,6 +83,11 @@ def comparison(before: dict, after: dict) -> str:
     def key(row):
         return row["workload"], row.get("precision", "fp32"), row["side"]
 
+    # The fine-tuning workloads run --model: results of another model are another workload.
+    if before.get("meta", {}).get("model") != after.get("meta", {}).get("model"):
+        return (f"change against the previous results: none to show (they are of --model "
+                f"{before.get('meta', {}).get('model')}, these of "
+                f"{after.get('meta', {}).get('model')})")
     old = {key(r): r for r in before.get("rows", [])}
     lines = ["| workload | precision | side | target tok/s before | after | change | "
              "MFU before | after |", "|---|---|---|---|---|---|---|---|"]
@@ -97,7 +102,14 @@ def comparison(before: dict, after: dict) -> str:
     if len(lines) == 2:
         return ("change against the previous results: none to show (no workload, precision "
                 "and side in common with them)")
-    return "change against the previous results:\n" + "\n".join(lines)
+    settings = ("threads", "warmup", "steps", "smoke", "ptft_overrides", "device", "torch",
+                "transformers")
+    was, now = before.get("meta"), after.get("meta", {})
+    differ = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in settings
+              if was is not None and was.get(k) != now.get(k)]
+    note = (f"\n(measured with other settings, not only other code: {'; '.join(differ)})"
+            if differ else "")
+    return "change against the previous results:\n" + "\n".join(lines) + note
 
 
 def fmt(value, pattern: str) -> str:

@@ -106,9 +106,10 @@ def _run_trainer(cfg, spec: dict) -> dict:
                     "labels": np.where(flags[s:e], tokens[s:e].astype(np.int64), -100).tolist()}
                    for s, e in samples]
         # As many samples per batch as ptft's packed rows hold on average: same tokens/step.
+        # A stored sample of n tokens is n - 1 inputs (and targets) in either side's batches.
         per_row = (offsets[-1] - len(samples)) / len(data.train)
-        mean_len = float(np.mean([e - s for s, e in samples]))
-        batch_size = max(1, round(t.batch_size * per_row / mean_len))
+        mean_inputs = float(np.mean([e - s for s, e in samples])) - 1
+        batch_size = max(1, round(t.batch_size * per_row / mean_inputs))
         collate = DataCollatorForSeq2Seq(data.tokenizer, padding=True, label_pad_token_id=-100,
                                          return_tensors="pt")
     else:  # pre-training: the same fixed blocks; labels = input_ids (the model shifts them)
@@ -126,10 +127,13 @@ def _run_trainer(cfg, spec: dict) -> dict:
     def counting_collate(features):
         batch = collate(features)
         mask = batch.get("attention_mask")
-        batches.append({"positions": batch["input_ids"].numel(),
-                        "tokens": int(mask.sum()) if mask is not None
-                        else batch["input_ids"].numel(),
-                        "targets": int((batch["labels"][:, 1:] != -100).sum())})
+        rows, width = batch["input_ids"].shape
+        batches.append({"positions": rows * width,
+                        "tokens": int(mask.sum()) if mask is not None else rows * width,
+                        "targets": int((batch["labels"][:, 1:] != -100).sum()),
+                        # attention credited as in ptft's count: each row without its padding
+                        "attended": int((mask.sum(dim=1) ** 2).sum()) if mask is not None
+                        else rows * width ** 2})
         return batch
 
     ends: dict[int, float] = {}
@@ -162,11 +166,12 @@ def _run_trainer(cfg, spec: dict) -> dict:
     tokens = sum(b["tokens"] for b in window)
     targets = sum(b["targets"] for b in window)
     positions = sum(b["positions"] for b in window)
+    attended = sum(b["attended"] for b in window)
     flops: TrainingFlops = training_flops(model, t.seq_len)
     return {"seconds": seconds, "steps": spec["steps"], "batch_size": batch_size,
             "target_tokens_per_s": targets / seconds, "tokens_per_s": tokens / seconds,
             "padding": 1 - tokens / positions,
-            "mfu": mfu(1 / seconds, flops.step(tokens, targets), spec["peak_flops"])}
+            "mfu": mfu(1 / seconds, flops.step(tokens, targets, attended), spec["peak_flops"])}
 
 
 def _peak_memory_mb() -> float:

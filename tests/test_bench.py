@@ -56,6 +56,19 @@ def test_compare_prints_the_change():
     assert "none to show" in bench.comparison({"rows": [row]}, {"rows": [other]})
 
 
+def test_compare_keeps_to_like_for_like():
+    bench = _bench_module()
+    row = {"workload": "sft", "side": "ptft", "precision": "fp32",
+           "target_tokens_per_s": 100.0, "mfu": 0.5}
+    meta = {"model": "llama-tiny", "threads": 2, "steps": 8}
+    other_model = bench.comparison({"meta": {**meta, "model": "llama-small"}, "rows": [row]},
+                                   {"meta": meta, "rows": [row]})
+    assert "none to show" in other_model and "llama-small" in other_model
+    other_threads = bench.comparison({"meta": {**meta, "threads": 1}, "rows": [row]},
+                                     {"meta": meta, "rows": [row]})
+    assert "+0.0%" in other_threads and "threads 1 -> 2" in other_threads
+
+
 def test_missing_compare_file_is_a_usage_error_before_any_run(tmp_path, capsys):
     missing = tmp_path / "last.json"
     assert _bench_module().main(["--smoke", "--compare", str(missing)]) == 2

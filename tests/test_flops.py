@@ -36,12 +36,28 @@ def tiny_llama(seed: int = 0, tied: bool = True):
 def test_flops_per_token_by_hand_for_a_tiny_llama():
     q = D // H  # head size 8; 2 key/value heads of 8 (grouped-query attention)
     layer = D * H * q + 2 * D * KV * q + H * q * D + 3 * D * I  # q, k, v, o; gate, up, down
-    expected = TrainingFlops(per_token=6 * L * layer + 12 * L * H * q * T, per_target=6 * V * D)
+    expected = TrainingFlops(per_token=6 * L * layer, per_target=6 * V * D,
+                             per_attended=12 * L * H * q, seq_len=T)
     assert training_flops(tiny_llama(), T) == expected
     # Untied: the same compute (the input embedding is a lookup either way).
     assert training_flops(tiny_llama(tied=False), T) == expected
-    assert expected.per_block_token == expected.per_token + expected.per_target
-    assert expected.step(tokens=10, targets=4) == 10 * expected.per_token + 4 * expected.per_target
+    assert expected.per_block_token == 6 * L * layer + 6 * V * D + 12 * L * H * q * T
+    assert expected.step(tokens=2 * T, targets=4) == (
+        2 * T * expected.per_token + 4 * expected.per_target + 12 * L * H * q * 2 * T * T)
+    # Two packed samples of 3 and 5 tokens attend within themselves: 9 + 25 pairs, not 8 x T.
+    assert expected.step(tokens=8, targets=8, attended=9 + 25) == (
+        8 * expected.per_token + 8 * expected.per_target + 12 * L * H * q * 34)
+
+
+def test_attended_pairs_follow_what_attends_to_what():
+    from ptft.engine.flops import attended_pairs
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    labels = torch.zeros(2, 8, dtype=torch.long)
+    assert attended_pairs(Batch({"input_ids": ids}, labels, 16)) == 2 * 8 * 8  # full blocks
+    mask = torch.tensor([[1] * 8, [1] * 3 + [0] * 5])
+    assert attended_pairs(Batch({"input_ids": ids, "attention_mask": mask}, labels, 11)) == 64 + 9
+    packed = Batch({"input_ids": ids}, labels, 16, segments=(((0, 3), (3, 8)), ((0, 6),)))
+    assert attended_pairs(packed) == 9 + 25 + 36
 
 
 def test_frozen_weights_cost_four_flops_per_weight_lora_six():
@@ -50,7 +66,7 @@ def test_frozen_weights_cost_four_flops_per_weight_lora_six():
     frozen = L * (D * H * q + 2 * D * KV * q + H * q * D + 3 * D * I)
     lora = L * (D * 4 + 4 * H * q)  # A: hidden -> r, B: r -> q_proj's output
     got = training_flops(model, T)
-    assert got.per_token == 4 * frozen + 6 * lora + 12 * L * H * q * T
+    assert got.per_token == 4 * frozen + 6 * lora and got.per_attended == 12 * L * H * q
     assert got.per_target == 4 * V * D  # the frozen lm_head still runs forward and backward
 
 

@@ -8,8 +8,11 @@ from the model's own modules rather than from a parameter count:
                       k = 6 for a trained weight (2 forward + 2 input gradient + 2 weight
                       gradient), k = 4 for a frozen one (no weight gradient: LoRA, adapters),
                       + 12 x L x (H x Q) x T for attention (QK^T and AV, forward and backward;
-                      L layers, H query heads of size Q, T = the training sequence length, the
-                      PaLM convention that ignores the causal mask)
+                      L layers, H query heads of size Q, the PaLM convention that ignores the
+                      causal mask). T is the length of the sequence the token attends within:
+                      train.seq_len for a pre-training block, a packed SFT sample's own length
+                      (its attention is computed sample by sample), a padded row's unpadded
+                      length; so a sequence of n tokens costs 12 x L x (H x Q) x n^2.
     per target token  the output projection (lm_head): k x vocab x hidden. It is counted even
                       when it shares its weight with the input embedding: tied or not, the
                       matmul is computed. It is charged per token whose prediction is trained
@@ -74,18 +77,28 @@ class TrainingFlops:
     """FLOPs of one training step, per token: see the module docstring for what is counted."""
 
     per_token: float
-    """Every input token: the layers' matmuls and attention."""
+    """Every input token: the layers' matmuls."""
     per_target: float
     """Every token whose next-token prediction is trained: the output projection."""
+    per_attended: float = 0.0
+    """Attention, per (query, key) pair of a sequence, 12 x L x (H x Q): a sequence of n
+    tokens costs per_attended x n^2 (n^2, not n(n+1)/2: the PaLM convention)."""
+    seq_len: int = 0
+    """The training sequence length: a full block's n."""
 
     @property
     def per_block_token(self) -> float:
-        """A pre-training token (an input and a target): the usual '6N + attention' figure."""
-        return self.per_token + self.per_target
+        """A pre-training token (an input and a target of a full block): the usual '6N +
+        12LHQT' figure."""
+        return self.per_token + self.per_target + self.per_attended * self.seq_len
 
-    def step(self, tokens: float, targets: float) -> float:
-        """FLOPs to train on `tokens` input tokens of which `targets` carry loss."""
-        return self.per_token * tokens + self.per_target * targets
+    def step(self, tokens: float, targets: float, attended: float | None = None) -> float:
+        """FLOPs to train on `tokens` input tokens of which `targets` carry loss; `attended`:
+        the sum of n^2 over the sequences that attend within themselves (attended_pairs),
+        None for full blocks of seq_len. A packed SFT row of short samples attends sample by
+        sample, so charging it the row's length would credit attention never computed."""
+        attended = tokens * self.seq_len if attended is None else attended
+        return self.per_token * tokens + self.per_target * targets + self.per_attended * attended
 
 
 def training_flops(model: torch.nn.Module, seq_len: int) -> TrainingFlops:
@@ -105,14 +118,13 @@ def training_flops(model: torch.nn.Module, seq_len: int) -> TrainingFlops:
         else:
             per_token += k * shape[0] * shape[1]
     config = getattr(base, "config", None)
-    if config is not None:
-        per_token += attention_flops_per_token(config, seq_len)
-    return TrainingFlops(per_token, per_target)
+    per_attended = attention_flops_per_pair(config) if config is not None else 0.0
+    return TrainingFlops(per_token, per_target, per_attended, seq_len)
 
 
-def attention_flops_per_token(config, seq_len: int) -> float:
-    """12 x L x (H x Q) x T: QK^T and AV, each 2 x T x (H x Q) FLOPs per token forward, 2x that
-    backward, in every layer."""
+def attention_flops_per_pair(config) -> float:
+    """12 x L x (H x Q): QK^T and AV, each 2 x (H x Q) FLOPs per (query, key) pair forward,
+    2x that backward, in every layer."""
     config = getattr(config, "get_text_config", lambda: config)()
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -120,7 +132,7 @@ def attention_flops_per_token(config, seq_len: int) -> float:
     if not (layers and heads and hidden):
         return 0.0
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return 12.0 * layers * heads * head_dim * seq_len
+    return 12.0 * layers * heads * head_dim
 
 
 def matmul_shape(module: torch.nn.Module) -> tuple[int, int] | None:
@@ -280,7 +292,8 @@ class TrainingMeter:
         if self.first_step_s is None:
             self.first_step_s = now - self.started
         seconds = now - self._step_start
-        flops = sum(self.flops.step(input_tokens(b), b.num_targets) for b in micro_batches)
+        flops = sum(self.flops.step(input_tokens(b), b.num_targets, attended_pairs(b))
+                    for b in micro_batches)
         self._interval_s += seconds
         self._interval_flops += flops
         self._interval_targets += targets
@@ -299,6 +312,19 @@ class TrainingMeter:
     def mfu(self) -> float | None:
         """MFU over every step timed so far."""
         return mfu(1.0 / self.total_s, self.total_flops, self.peak) if self.total_s else None
+
+
+def attended_pairs(batch) -> int:
+    """The sum of n^2 over a batch's sequences, n counting the tokens that attend to each
+    other: each packed sample on its own, each padded row without its padding, each block of
+    pre-training whole."""
+    if batch.segments is not None:
+        return sum((end - start) ** 2 for row in batch.segments for start, end in row)
+    mask = batch.inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int((mask.sum(dim=1) ** 2).sum())
+    rows, length = batch.inputs["input_ids"].shape
+    return rows * length ** 2
 
 
 def input_tokens(batch) -> int:
