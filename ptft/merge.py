@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ptft.errors import UsageError
 from ptft.inference import ADAPTER, FULL, Target, load_model, load_tokenizer
+from ptft.tempdirs import temporary_sibling
 
 
 def merge_into_base(target: Target, output: Path | None) -> Path:
@@ -24,12 +24,7 @@ def merge_into_base(target: Target, output: Path | None) -> Path:
         raise UsageError(f"{output} already exists; remove it or choose --output DIR.")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-        # mkdtemp makes the folder private (0700), and the rename would keep that: give it
-        # the mode of any folder made here, so others sharing the file system can load it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        tmp = temporary_sibling(output)
     except OSError as err:
         raise UsageError(f"cannot write {output}: {err.strerror}.") from None
     try:

@@ -94,3 +94,18 @@ def test_unknown_name_lists_valid_options(call):
         call("no-such-corpus")
     for name in EMBEDDED_CORPORA:
         assert name in str(excinfo.value)
+
+
+def test_the_corpus_key_follows_the_stdlib_files_present(tmp_path, monkeypatch):
+    """A distribution package can add stdlib modules (Debian's python3-tk) without changing
+    the interpreter's version: the cached corpus must not be reused then."""
+    from ptft.data import corpus
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "__init__.py").write_text('"""JSON."""\n')
+    monkeypatch.setattr(corpus, "_stdlib_root", lambda: tmp_path)
+    corpus.stdlib_listing.cache_clear()
+    before = corpus_fingerprint(EMBEDDED_CORPORA[0])
+    (tmp_path / "tkinter.py").write_text('"""Tk."""\n')
+    corpus.stdlib_listing.cache_clear()
+    assert corpus_fingerprint(EMBEDDED_CORPORA[0]) != before
+    corpus.stdlib_listing.cache_clear()

@@ -124,6 +124,19 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(single_p
                          single_pretrain / "final" / "model.safetensors")
 
 
+def test_a_failure_on_one_rank_ends_the_run_instead_of_hanging_it(work, cache_dir):
+    """Rank 0 alone cannot open metrics.jsonl (a folder stands in its way) while rank 1 goes
+    on to the first collective: rank 0 must not wait for it in a barrier (gloo's timeout is
+    30 minutes); it exits with its error and torchrun stops rank 1."""
+    (work / "blocked" / "metrics.jsonl").mkdir(parents=True)
+    result = subprocess.run(_command(2, ["pretrain", *COMPARE, "train.batch_size=4",
+                                         "run.dir=blocked"]),
+                            cwd=work, env=_env(cache_dir), capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode != 0
+    assert "IsADirectoryError" in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("method, strategy", [("lora", "ddp"), ("lora", "fsdp"),
                                               ("adapter", "fsdp"), ("prompt_tuning", "fsdp")])
 def test_lora_and_adapters_on_two_processes_match_one(method, strategy, single_pretrain, work,

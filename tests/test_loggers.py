@@ -89,3 +89,16 @@ def test_a_new_backend_is_one_class_and_one_entry(tmp_path, monkeypatch):
     quiet.write(rows[0])
     quiet.close()
     assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
+
+
+def test_summary_json_stays_valid_json_with_non_finite_values(tmp_path):
+    import math
+
+    from ptft.engine.distributed import World
+    from ptft.engine.executor import _write_summary
+    _write_summary(tmp_path, {"eval_loss": math.nan, "train_loss": math.inf, "steps": 3}, World())
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} is not JSON")
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary == {"eval_loss": "nan", "train_loss": "inf", "steps": 3}

@@ -15,6 +15,7 @@ toolkits, platform-only modules) and can fail outright on some platforms.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import itertools
 import logging
@@ -175,10 +176,21 @@ def _limited(name: str, max_documents: int | None) -> Iterator[Document]:
 def corpus_fingerprint(name: str) -> str:
     """A short hex string that changes whenever the corpus contents would.
 
-    Cheap on purpose (no file access): the stdlib only changes together with
-    the interpreter version or location, and extraction logic is covered by
-    CORPUS_FORMAT_VERSION.
+    Cheap on purpose (the files are listed, not read): the interpreter version and
+    location, and which stdlib files there are with their sizes, since distributions
+    add modules to the same interpreter (Debian's python3-tk, python3-lib2to3) without
+    changing its version. Extraction logic is covered by CORPUS_FORMAT_VERSION.
     """
     _check_name(name)
-    key = "\0".join([str(CORPUS_FORMAT_VERSION), name, sys.version, str(_stdlib_root())])
+    key = "\0".join([str(CORPUS_FORMAT_VERSION), name, sys.version, str(_stdlib_root()),
+                     stdlib_listing()])
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+@functools.cache
+def stdlib_listing() -> str:
+    """A hash of the stdlib files the corpora read: their relative paths and sizes."""
+    root = _stdlib_root()
+    entries = [f"{path.relative_to(root).as_posix()}:{path.stat().st_size}"
+               for path in stdlib_python_files()]
+    return hashlib.sha256("\n".join(entries).encode("utf-8")).hexdigest()[:16]

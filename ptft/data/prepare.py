@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from ptft.data.tokenizer import TOKENIZER_FORMAT_VERSION, load_tokenizer, tokeni
 from ptft.data.tokens import TokenBlocks, id_bound, token_dtype, write_tokens
 from ptft.errors import UsageError, first_line
 from ptft.models import check_model_path
+from ptft.tempdirs import temporary_sibling
 
 # Bump when the token files' layout or the sample construction changes.
 TOKENS_FORMAT_VERSION = 3
@@ -195,7 +195,7 @@ class _building:
 
     def __enter__(self) -> Path:
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", dir=self.final.parent))
+        self.tmp = temporary_sibling(self.final)
         return self.tmp
 
     def __exit__(self, exc_type, *rest) -> None:

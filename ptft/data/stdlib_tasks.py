@@ -25,7 +25,8 @@ import sys
 import textwrap
 from typing import Iterator
 
-from ptft.data.corpus import _module_name, _read_source, _stdlib_root, stdlib_python_files
+from ptft.data.corpus import (_module_name, _read_source, _stdlib_root, stdlib_listing,
+                              stdlib_python_files)
 
 # Bump whenever extraction logic changes, so cached tokenized data is rebuilt.
 TASKS_FORMAT_VERSION = 1
@@ -204,10 +205,10 @@ def _limited(name: str, max_records: int | None) -> Iterator[dict]:
 def task_fingerprint(name: str) -> str:
     """A short hex string that changes whenever the dataset contents would.
 
-    Cheap on purpose (no file access), like ``corpus_fingerprint``: the stdlib
-    only changes with the interpreter version or location, and extraction
-    logic is covered by TASKS_FORMAT_VERSION.
+    Cheap on purpose (files listed, not read), like ``corpus_fingerprint``;
+    extraction logic is covered by TASKS_FORMAT_VERSION.
     """
     _check_name(name)
-    key = "\0".join(["tasks", str(TASKS_FORMAT_VERSION), name, sys.version, str(_stdlib_root())])
+    key = "\0".join(["tasks", str(TASKS_FORMAT_VERSION), name, sys.version, str(_stdlib_root()),
+                     stdlib_listing()])
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]

@@ -32,7 +32,9 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.precision != Precision.auto:
         return None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        # Natively: not the emulation torch also counts by default (V100, T4: slower).
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) \
+            else None
     if device.type == "cpu":
         return torch.bfloat16 if cpu_runs_bf16_natively() else None
     return None

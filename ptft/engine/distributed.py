@@ -61,9 +61,15 @@ class World:
         dist.broadcast_object_list(box, src=0, group=self._slow_group)
         return box[0]
 
-    def close(self) -> None:
+    def close(self, together: bool = True) -> None:
+        """Leave the process group. `together`: every rank is leaving here (the run ended, or
+        stopped on a decision all ranks share): wait for each other first, since a rank
+        leaving early can abort the others' last collective. False, for a failure of this
+        rank alone: the others may be waiting in another collective, and a barrier would hang
+        them all until its timeout; this rank exits and the launcher stops the rest."""
         if self.distributed and dist.is_initialized():
-            dist.barrier()  # a rank leaving early can abort the others' last collective
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -93,16 +99,18 @@ def first_node(nodelist: str) -> str:
     return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], entry)
 
 
-def init_world() -> World:
-    """Join the process group when launched by torchrun or srun; a World of one otherwise."""
+def init_world(device: str = "auto") -> World:
+    """Join the process group when launched by torchrun or srun; a World of one otherwise.
+    `device`: train.device; ranks of a CPU run talk over gloo even where CUDA is present."""
     _slurm_to_torchrun_env()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        # A task bound to its own GPU (srun --gpus-per-task=1) sees only that one.
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     slow = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)

@@ -31,7 +31,7 @@ from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
 from ptft.engine.flops import TrainingMeter, device_peak_flops, training_flops
 from ptft.engine.frozen_weights import store_frozen_projections_in
-from ptft.engine.metrics import MetricsLog, check_loggers
+from ptft.engine.metrics import MetricsLog, check_loggers, jsonable
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
                                    is_prompt_learning)
 from ptft.engine.optim import build_optimizer, lr_at, planned_steps
@@ -47,11 +47,17 @@ from ptft.models import build_model, check_model_path, count_parameters, load_mo
 
 def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     """Run one training job described by `cfg`; returns the summary (also in summary.json)."""
-    world = init_world()
+    world = init_world(cfg.train.device.value)
     try:
-        return _execute(cfg, world, console or Console(quiet=not world.is_main))
-    finally:
-        world.close()
+        summary = _execute(cfg, world, console or Console(quiet=not world.is_main))
+    except (UsageError, Preempted, TrainingFailed):
+        world.close()  # decided on every rank alike (a shared input, the stop vote, the loss)
+        raise
+    except BaseException:
+        world.close(together=False)  # maybe this rank's failure alone: no barrier to hang on
+        raise
+    world.close()
+    return summary
 
 
 def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
@@ -89,9 +95,9 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         amp_dtype = autocast_dtype(t, device)
         # Rank 0 prepares (and caches) the data once; the others then read the cache.
         data_started = time.perf_counter()
-        data = _on_main(world, lambda: prepare_data(cfg))
+        data = _on_main(world, lambda: prepare_data(cfg), share=False)
         world.wait_for_main()
-        data = data if world.is_main else prepare_data(cfg)
+        data = data if world.is_main else prepare_data(cfg)  # reads rank 0's cache
         data_prep_s = time.perf_counter() - data_started  # a cache hit: well under a second
         console.print(_data_line(data), highlight=False)
         _check_data_sizes(data, t.seq_len, console)
@@ -345,18 +351,33 @@ def _handle_nonfinite(t, state: dict, step: int, loss: float, norm: float, run_d
                          "train.on_nonfinite=skip skips such steps.")
 
 
-def _on_main(world: World, make):
-    """Run `make` on rank 0 only and hand its result, or its UsageError, to every rank (so a
-    bad input stops all processes with the same message instead of leaving them waiting)."""
-    result, error = None, None
+def _on_main(world: World, make, share: bool = True):
+    """Run `make` on rank 0 only and hand its result (share=False: only whether it worked) to
+    every rank. A failure stops every rank alike: a UsageError with the same message, any
+    other error as a RuntimeError naming rank 0's, instead of leaving the others waiting."""
+    result, error, usage = None, None, False
     if world.is_main:
         try:
             result = make()
         except UsageError as err:
-            error = str(err)
-    result, error = world.broadcast((result, error)) if world.distributed else (result, error)
-    if error:
+            error, usage = str(err), True
+        except Exception as err:
+            if not world.distributed:
+                raise
+            error = f"{type(err).__name__}: {err}"
+            failure = err
+    if world.distributed:
+        # Without share only the outcome travels: the result may be large (prepared data
+        # holds the token arrays, which the other ranks read from the cache themselves).
+        shared = world.broadcast((result if share else None, error, usage))
+        result = shared[0] if share or not world.is_main else result
+        error, usage = shared[1], shared[2]
+    if error and usage:
         raise UsageError(error)
+    if error:
+        if world.is_main:
+            raise failure
+        raise RuntimeError(f"rank 0 failed: {error}")
     return result
 
 
@@ -386,7 +407,7 @@ def _write_summary(run_dir: Path, summary: dict, world: World) -> None:
     if not world.is_main:
         return
     tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.write_text(json.dumps({k: jsonable(v) for k, v in summary.items()}, indent=2))
     tmp.replace(run_dir / "summary.json")
 
 

@@ -41,7 +41,7 @@ class JsonlLogger(Logger):
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self._file.write(json.dumps({k: jsonable(v) for k, v in row.items()}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -149,8 +149,9 @@ def _last_step(path: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def _jsonable(value):
-    # JSON has no NaN/inf; write them as strings so non-finite values stay visible, not dropped.
+def jsonable(value):
+    """`value` as JSON can hold it. JSON has no NaN/inf: they are written as strings, so
+    non-finite values stay visible rather than dropped (or written as invalid bare NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
