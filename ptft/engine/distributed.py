@@ -52,6 +52,36 @@ class World:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def on_main(self, make, share: bool = True):
+        """Run `make` on rank 0 only and hand its result (share=False: only whether it
+        worked) to every rank. A failure stops every rank alike: a UsageError with the same
+        message, any other error as a RuntimeError naming rank 0's, instead of leaving the
+        others waiting in the next collective."""
+        from ptft.errors import UsageError
+
+        result, error, usage, failure = None, None, False, None
+        if self.is_main:
+            try:
+                result = make()
+            except UsageError as err:
+                error, usage = str(err), True
+            except Exception as err:
+                if not self.distributed:
+                    raise
+                error, failure = f"{type(err).__name__}: {err}", err
+        if self.distributed:
+            # Without share only the outcome travels: the result may be large (prepared data
+            # holds the token arrays, which the other ranks read from the cache themselves).
+            shared, error, usage = self.broadcast((result if share else None, error, usage))
+            result = result if self.is_main else shared
+        if error and usage:
+            raise UsageError(error)
+        if error:
+            if failure is not None:
+                raise failure
+            raise RuntimeError(f"rank 0 failed: {error}")
+        return result
+
     def broadcast(self, obj):
         """Rank 0's value of `obj` on every rank."""
         if not self.distributed:

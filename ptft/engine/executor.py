@@ -71,7 +71,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         if Path(cfg.model.path).expanduser().exists():  # recorded absolute: adapters point
             cfg.model.path = str(Path(cfg.model.path).expanduser().resolve())  # at their base
     # Rank 0 decides where the run lives and where it resumes from; the others follow.
-    run_dir, new_dir = _on_main(world, lambda: create_run_dir(
+    run_dir, new_dir = world.on_main(lambda: create_run_dir(
         cfg.run.dir, cfg.run.root, cfg.stage.name, cfg.run.name))
     new_dir = new_dir and world.is_main
     cfg.run.dir = str(run_dir)
@@ -79,7 +79,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         OmegaConf.structured(cfg), enum_to_str=True)))
     try:
         check_loggers(cfg.run.loggers)  # a missing optional package fails before any work
-        resume_from = _on_main(world, lambda: find_checkpoint(cfg.run.resume, run_dir))
+        resume_from = world.on_main(lambda: find_checkpoint(cfg.run.resume, run_dir))
         if resume_from:
             changes = compare_configs(checkpoint_config(resume_from), OmegaConf.to_container(
                 OmegaConf.create(config_yaml)))
@@ -95,7 +95,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         amp_dtype = autocast_dtype(t, device)
         # Rank 0 prepares (and caches) the data once; the others then read the cache.
         data_started = time.perf_counter()
-        data = _on_main(world, lambda: prepare_data(cfg), share=False)
+        data = world.on_main(lambda: prepare_data(cfg), share=False)
         world.wait_for_main()
         data = data if world.is_main else prepare_data(cfg)  # reads rank 0's cache
         data_prep_s = time.perf_counter() - data_started  # a cache hit: well under a second
@@ -349,36 +349,6 @@ def _handle_nonfinite(t, state: dict, step: int, loss: float, norm: float, run_d
     raise TrainingFailed(f"{what} (loss {loss}, grad norm {norm}); stopped before the optimizer "
                          f"step, {kept}. Lower train.lr or set train.grad_clip; "
                          "train.on_nonfinite=skip skips such steps.")
-
-
-def _on_main(world: World, make, share: bool = True):
-    """Run `make` on rank 0 only and hand its result (share=False: only whether it worked) to
-    every rank. A failure stops every rank alike: a UsageError with the same message, any
-    other error as a RuntimeError naming rank 0's, instead of leaving the others waiting."""
-    result, error, usage = None, None, False
-    if world.is_main:
-        try:
-            result = make()
-        except UsageError as err:
-            error, usage = str(err), True
-        except Exception as err:
-            if not world.distributed:
-                raise
-            error = f"{type(err).__name__}: {err}"
-            failure = err
-    if world.distributed:
-        # Without share only the outcome travels: the result may be large (prepared data
-        # holds the token arrays, which the other ranks read from the cache themselves).
-        shared = world.broadcast((result if share else None, error, usage))
-        result = shared[0] if share or not world.is_main else result
-        error, usage = shared[1], shared[2]
-    if error and usage:
-        raise UsageError(error)
-    if error:
-        if world.is_main:
-            raise failure
-        raise RuntimeError(f"rank 0 failed: {error}")
-    return result
 
 
 def _save_final_atomically(model, tokenizer, path: Path, method_cfg, world: World) -> None:
