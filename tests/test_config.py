@@ -201,7 +201,8 @@ def test_numbers_at_their_bounds_are_accepted():
 
 
 @pytest.mark.parametrize("value", ["/runs/plain", "lr,sweep", "exp(1)", "[x]", "it's",
-                                   "back\\slash", "ends\\", "q\\'x", "sp ace", "k=v"])
+                                   "back\\slash", "ends\\", "q\\'x", "sp ace", "k=v",
+                                   "~/runs/x", "10", "true", "null", "1e-3"])
 def test_override_quotes_values_hydra_would_parse(value):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

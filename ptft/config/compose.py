@@ -35,20 +35,26 @@ def config_dir() -> Path:
     return Path(str(resources.files("ptft.configs")))
 
 
-_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./~@+-]+")
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_./@+-]+")
 
 
 def override(key: str, value: object) -> str:
-    """`key=value` for a value ptft passes on (a path, a name), quoted the Hydra way when it
-    holds characters Hydra's override grammar reads ('a,b' is a sweep, '(' a function call,
-    '[' a list): a run directory named 'lr=1e-3,wd' must stay one value."""
+    """`key=value` for a text value ptft passes on (a path, a name), quoted the Hydra way
+    unless Hydra reads it back as that very text: 'a,b' would be a sweep, '(' a function call,
+    '[' a list, '~' an error, and a folder named 10, true or null another type."""
     text = str(value)
-    if _PLAIN_VALUE.fullmatch(text):
+    if _PLAIN_VALUE.fullmatch(text) and _parsed_value(f"{key}={text}") == text:
         return f"{key}={text}"
     # In a quoted value only quotes and the backslashes right before one are special.
     escaped = re.sub(r"(\\*)(')", lambda m: m.group(1) * 2 + "\\'", text)
     escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
     return f"{key}='{escaped}'"
+
+
+def _parsed_value(override_text: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override_text).value()
 
 
 def check_stage(stage: str) -> str:
