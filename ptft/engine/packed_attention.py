@@ -1,4 +1,4 @@
-"""Attention for packed SFT sequences, one sample at a time (CPU).
+"""ptft's attention on a CPU: packed SFT sequences one sample at a time, causal rows by blocks.
 
 A packed row holds several samples; a block-diagonal causal mask keeps each one attending only
 to itself. SDPA with an explicit mask cannot skip the masked blocks: it computes the whole
@@ -9,12 +9,11 @@ rate, so attention is a large share of an SFT step (llama-tiny, seq 512, fp32: t
 
 Here, for batches that carry their sample boundaries (`packed_segments`: per row, the
 (start, end) of each sample; the padding after them gets zeros, which nothing reads), each
-sample goes through SDPA on its own with is_causal=True: the same causal softmax over the same
+sample attends on its own with a plain causal mask: the same causal softmax over the same
 keys as the mask gives, so the same results, at the cost of the samples' own lengths. This is
 what FlashAttention's variable-length kernels do on GPUs, where transformers' flash_attention_2
 and position ids give it; GPU runs keep the masked SDPA here (a loop of small launches would
-not pay there). Without `packed_segments` (pre-training, evaluation of unpacked data) this is
-transformers' SDPA attention unchanged.
+not pay there).
 
 The samples attend in fp32 whatever the autocast dtype: autocast would run SDPA in bf16, and
 the CPU's bf16 kernel is slow on small shapes and keeps memory for each new one (one sample at
@@ -23,6 +22,11 @@ autocast (8 x 512 tokens, one harness run each) went from a 1.75 to a 1.57 s ste
 fine-tuning), 1.49 to 1.19 s (LoRA) and 1.31 to 1.01 s (adapters) against the masked bf16
 SDPA; the fp32 copies of queries, keys and values that backward keeps cost LoRA 16% more peak
 RSS there (still 0.85x of full fine-tuning's).
+
+Causal self-attention without a mask (pre-training rows, evaluation of unpadded rows) and
+the packed samples long enough to pay go through ptft/engine/causal_attention.py, blocks of
+queries by batched matmuls, faster on a CPU than the SDPA kernel at these sizes; short samples,
+dropout, masks and anything else SDPA computes stay with SDPA.
 
 Registered with transformers as the attention implementation "ptft_packed_sdpa"; a saved model
 does not record it (config.json holds no attention implementation).
@@ -45,6 +49,9 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_segments is None:
+        if attention_mask is None and query.shape[2] == key.shape[2] \
+                and _blocked_applies(module, query, kwargs):
+            return _blocked(module, query, key, value, **kwargs).to(query.dtype), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with torch.autocast(query.device.type, enabled=False):
         out = _per_sample(module, query.float(), key.float(), value.float(), packed_segments,
@@ -52,9 +59,40 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return out.to(query.dtype), None
 
 
+def _blocked_applies(module: torch.nn.Module, query: torch.Tensor, kwargs: dict) -> bool:
+    """Whether causal self-attention of `query` over as many keys, with these arguments, is
+    what ptft/engine/causal_attention.py computes (a plain causal softmax: no dropout, logit
+    cap, bias or sinks) and faster there than in SDPA."""
+    from ptft.engine.causal_attention import pays_for
+
+    return (pays_for(query)
+            and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+            and not kwargs.get("dropout")
+            and not kwargs.get("output_attentions")
+            and all(kwargs.get(name) is None for name in _UNSUPPORTED))
+
+
+# Attention arguments that change what is computed (transformers passes them by name).
+_UNSUPPORTED = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks")
+
+
+def _blocked(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor, scaling: float | None = None, **_) -> torch.Tensor:
+    """The causal blocks' attention in transformers' (B, T, H, D) layout, fp32."""
+    from ptft.engine.causal_attention import causal_attention
+
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return causal_attention(query, key, value, scale).transpose(1, 2).contiguous()
+
+
 def _per_sample(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, packed_segments: Segments, **kwargs) -> torch.Tensor:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attend(q, k, v):  # one sample: (1, H, n, D) -> (1, n, H, D)
+        if _blocked_applies(module, q, kwargs):
+            return _blocked(module, q, k, v, **kwargs)
+        return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
 
     length, heads, value_dim = query.shape[2], query.shape[1], value.shape[-1]
     # Pieces by unbind and split, not by slicing: their backward is one stack and one cat,
@@ -63,7 +101,7 @@ def _per_sample(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     for q, k, v, spans in zip(query.unbind(0), key.unbind(0), value.unbind(0), packed_segments):
         covered = spans[-1][1] if spans else 0
         lengths = [end - start for start, end in spans] + [length - covered]
-        pieces = [sdpa_attention_forward(module, q_[None], k_[None], v_[None], None, **kwargs)[0]
+        pieces = [attend(q_[None], k_[None], v_[None])
                   for q_, k_, v_, _ in zip(q.split(lengths, dim=1), k.split(lengths, dim=1),
                                            v.split(lengths, dim=1), spans)]
         if covered < length:  # the row's padding: its outputs carry no loss
