@@ -78,16 +78,18 @@ def test_fused_loss_without_gradients_and_with_a_frozen_weight():
     assert torch.allclose(hidden_grad, hidden.grad, atol=1e-6)
 
 
-def test_fused_loss_is_exact_where_the_target_probability_underflows():
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_loss_is_exact_where_the_target_probability_underflows(bias):
     """A diverged model: targets with a loss far beyond fp32's exp range (p underflows to 0)
-    still get their exact loss, and the gradient (softmax - onehot) stays right."""
-    hidden, weight, _, labels = _inputs(False)
+    still get their exact loss (from those rows' logits computed again: the softmax has
+    overwritten them), and the gradient (softmax - onehot) stays right."""
+    hidden, weight, b, labels = _inputs(bias)
     labels[labels == -100] = 0
     hidden = (hidden.detach() * 300).requires_grad_()  # logits in the thousands
-    want_loss = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    want_loss = F.cross_entropy(F.linear(hidden, weight, b), labels, reduction="sum")
     want_loss.backward()
     want_grad, hidden.grad = hidden.grad.clone(), None
-    got = linear_cross_entropy(hidden, weight, None, labels)
+    got = linear_cross_entropy(hidden, weight, b, labels)
     got.backward()
     assert want_loss.item() > 1000 and torch.isfinite(got)
     assert torch.allclose(got, want_loss, rtol=1e-5)

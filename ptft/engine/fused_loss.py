@@ -93,23 +93,23 @@ def _chunks(hidden, weight, bias, labels, rows: int, dtype: torch.dtype, all_tar
         valid = y != IGNORE_INDEX
         target = y.clamp(min=0).unsqueeze(1)
         out = buffer[:h.shape[0]]
-        if b is None:
-            torch.mm(h, w.t(), out=out)
-        else:
-            torch.addmm(b, h, w.t(), out=out)
-        logits = out.float()  # the buffer itself in fp32; a copy under autocast
+        logits = _logits(h, w, b, out).float()  # the buffer itself in fp32; a copy under autocast
         if grads is None:
             nll = -torch.log_softmax(logits, dim=-1).gather(1, target).squeeze(1)
             total += torch.where(valid, nll, 0.0).sum()
             continue
-        g, nll = _softmax_and_nll(logits, target)
+        g, nll = _softmax_and_nll(logits, target, lambda r, h=h: _logits(h[r], w, b))
         total += torch.where(valid, nll, 0.0).sum()
         g.scatter_add_(1, target, -valid.to(g.dtype).unsqueeze(1))
         if not all_targets:
             g.mul_(valid.unsqueeze(1))  # ignored rows contribute nothing
         g = g.to(dtype)
         if grads["hidden"] is not None:
-            grads["hidden"][start:start + rows] = g @ w
+            chunk_grad = grads["hidden"][start:start + rows]
+            if chunk_grad.dtype == dtype:
+                torch.mm(g, w, out=chunk_grad)
+            else:
+                chunk_grad.copy_(g @ w)
         if grads["weight"] is not None:
             if dtype == torch.float32:
                 grads["weight"].addmm_(g.t(), h)
@@ -120,26 +120,37 @@ def _chunks(hidden, weight, bias, labels, rows: int, dtype: torch.dtype, all_tar
     return total
 
 
-def _softmax_and_nll(logits: torch.Tensor, target: torch.Tensor):
-    """softmax(logits) (the gradient's main term) and each row's -log p[target].
+def _logits(h, w, b, out=None) -> torch.Tensor:
+    if b is None:
+        return torch.mm(h, w.t(), out=out) if out is not None else torch.mm(h, w.t())
+    return torch.addmm(b, h, w.t(), out=out) if out is not None else torch.addmm(b, h, w.t())
+
+
+def _softmax_and_nll(logits: torch.Tensor, target: torch.Tensor, logits_of):
+    """softmax(logits) (the gradient's main term) and each row's -log p[target]; `logits` may
+    be overwritten, `logits_of(rows)` computes those rows' logits again.
 
     On a CPU one softmax pass gives both, through the log of the picked probability: that saves
     the exp pass over the chunk that log-softmax followed by exp costs (about 2.5% of a
-    llama-tiny step). A picked probability below fp32's smallest normal (a loss above ~87
-    nats: a diverged model) has lost its precision; those rows are computed again, exactly.
-    Finding them reads a flag on the host, free on a CPU but a sync elsewhere, so other devices
-    take log-softmax and exp, whose memory bandwidth makes the extra pass cheap anyway."""
+    llama-tiny step). The softmax is written over the logits, in the cache where the matmul
+    left them (no fresh 8 MiB block per chunk: the loss alone on llama-tiny's shapes 163 ->
+    155 ms). A picked probability below fp32's smallest normal (a loss above ~87 nats: a
+    diverged model) has lost its precision; those rows' logits are computed again and their
+    loss taken exactly. Finding them reads a flag on the host, free on a CPU but a sync
+    elsewhere, so other devices take log-softmax and exp, whose memory bandwidth makes the
+    extra pass cheap anyway."""
     if logits.device.type != "cpu":
         log_p = torch.log_softmax(logits, dim=-1)
         nll = -log_p.gather(1, target).squeeze(1)
         return log_p.exp_(), nll  # softmax, in place: the chunk's one (rows x vocab) buffer
-    p = torch.softmax(logits, dim=-1)
+    # aten's softmax reads each row (its maximum) before writing it: safe in place
+    p = torch._softmax(logits, -1, False, out=logits)
     picked = p.gather(1, target).squeeze(1)
     nll = -picked.log()
     underflow = picked < torch.finfo(torch.float32).tiny
     if underflow.any():
         rows = underflow.nonzero().squeeze(1)
-        lost = logits.index_select(0, rows)
+        lost = logits_of(rows).float()
         nll[rows] = torch.logsumexp(lost, dim=-1) - lost.gather(1, target[rows]).squeeze(1)
     return p, nll
 
