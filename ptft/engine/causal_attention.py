@@ -135,14 +135,20 @@ def _backward(ctx, grad_out):
     # rowsum(dP * P) per query, from the outputs: (pairs, groups, length, 1)
     row_terms = (grad_out * out.view(grad_out.shape)).sum(-1, keepdim=True)
     grad_q = torch.empty_like(grouped_q)
-    grad_k, grad_v = torch.zeros_like(keys), torch.zeros_like(values)
-    for (start, end), p in zip(_blocks(length), probs):
+    grad_k = grad_v = None
+    # The last block attends to every key: its products start the key and value gradients,
+    # the earlier blocks' add into their prefixes.
+    for (start, end), p in reversed(list(zip(_blocks(length), probs))):
         g = _rows(grad_out, start, end)
-        grad_v[:, :end] += torch.bmm(p.transpose(1, 2), g)
         grad_scores = torch.bmm(g, values[:, :end].transpose(1, 2))
         grad_scores.sub_(_rows(row_terms, start, end)).mul_(p)
         grad_q[:, :, start:end] = torch.bmm(grad_scores, keys[:, :end]).mul_(scale).view(
             pairs, groups, end - start, -1)
-        grad_k[:, :end].add_(torch.bmm(grad_scores.transpose(1, 2),
-                                       _rows(grouped_q, start, end)), alpha=scale)
+        block_v = torch.bmm(p.transpose(1, 2), g)
+        block_k = torch.bmm(grad_scores.transpose(1, 2), _rows(grouped_q, start, end))
+        if grad_k is None:
+            grad_v, grad_k = block_v, block_k.mul_(scale)
+        else:
+            grad_v[:, :end] += block_v
+            grad_k[:, :end].add_(block_k, alpha=scale)
     return grad_q.view(query.shape), grad_k.view(key.shape), grad_v.view(value.shape), None
