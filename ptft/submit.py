@@ -121,7 +121,7 @@ def render(resources: Resources, command: list[str] | None = None,
     r = resources
     lines = ["#!/bin/bash"]
     lines += [f"# {line}" if line else "#" for line in comment.strip().splitlines()]
-    sbatch = [f"--job-name={r.job_name}", f"--nodes={r.nodes}", f"--ntasks-per-node={r.tasks}"]
+    sbatch = [f"--job-name={_sbatch_word(r.job_name)}", f"--nodes={r.nodes}", f"--ntasks-per-node={r.tasks}"]
     if r.gpus_per_node:
         sbatch.append(f"--gpus-per-node={r.gpus_per_node}")
     if r.cpus_per_task:
@@ -131,15 +131,30 @@ def render(resources: Resources, command: list[str] | None = None,
     if r.partition:
         sbatch.append(f"--partition={r.partition}")
     sbatch += [f"--signal=USR1@{r.signal_seconds}", "--requeue", "--open-mode=append",
-               f"--output={r.output}"]
+               f"--output={_sbatch_word(r.output)}"]
     if r.chdir:
-        sbatch.append(f"--chdir={r.chdir}")
+        sbatch.append(f"--chdir={_sbatch_word(r.chdir)}")
     sbatch += r.extra
     lines += [f"#SBATCH {option}" for option in sbatch]
     if command:
         lines += ["", "# The run, fixed when the script was written (ptft submit):",
                   "set -- " + " ".join(shlex.quote(word) for word in command)]
     return "\n".join(lines) + "\n" + _BODY.replace("__PYTHON__", python)
+
+
+def _sbatch_word(text: str) -> str:
+    """`text` as one argument of an #SBATCH line. sbatch splits those lines at whitespace,
+    reads quotes and backslashes, and drops everything after an unquoted '#': a run
+    directory such as 'my runs/exp #2' would become two arguments and a comment."""
+    if not any(c.isspace() or c in "\"'\\#" for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def literal_file_name(path: str) -> str:
+    """`path` for sbatch --output, which reads '%j', '%x', ... as the job id, name, ...: a
+    literal '%' is written '%%' (a path with a backslash is taken literally by SLURM anyway)."""
+    return path if "\\" in path else path.replace("%", "%%")
 
 
 # The ready-made scripts in scripts/slurm/ (regenerate: python -m ptft.submit scripts/slurm).
@@ -207,8 +222,10 @@ def submit(stage: str, overrides: list[str], resources: Resources, dry_run: bool
         run_dir = parent / name
     script_path = run_dir.parent / f"{run_dir.name}.sbatch"
     resources.chdir = str(cwd)
+    log = resources.output
     if resources.output == Resources.output:  # the log next to the script, across restarts
-        resources.output = str(run_dir.parent / f"{run_dir.name}.out")
+        log = str(run_dir.parent / f"{run_dir.name}.out")
+        resources.output = literal_file_name(log)
     if resources.job_name == Resources.job_name:
         resources.job_name = f"ptft-{stage}"
     arguments = [*overrides, override("run.dir", run_dir)]
@@ -234,8 +251,8 @@ def submit(stage: str, overrides: list[str], resources: Resources, dry_run: bool
         raise UsageError(f"sbatch refused the job: {message}")
     job_id = result.stdout.strip().split(";")[0]
     out.write(f"submitted job {job_id}: ptft {stage} in {run_dir}\n"
-              f"  script {script_path}\n  log    {resources.output}\n"
-              f"  follow: tail -f {resources.output}   cancel: scancel {job_id}\n")
+              f"  script {script_path}\n  log    {log}\n"
+              f"  follow: tail -f {shlex.quote(log)}   cancel: scancel {job_id}\n")
     return job_id
 
 

@@ -174,13 +174,18 @@ def test_first_node_of_a_node_list_agrees_with_scontrol(slurm):
 
 
 def test_submitted_job_trains_and_writes_its_run_dir(slurm, tmp_path, cache_dir):
+    # sbatch reads '#SBATCH' lines with their own rules (whitespace splits, '#' starts a
+    # comment, '%j' in --output is the job id): a folder name with all three must survive.
+    work = tmp_path / "exp #2 at 50%j"
+    work.mkdir()
     result = run_ptft("submit", "--gpus-per-node", "0", "--time", "5", *TINY,
-                      "run.name=submitted", cwd=tmp_path, cache=cache_dir, env=job_env(slurm, cache_dir))
+                      "run.name=submitted", cwd=work, cache=cache_dir,
+                      env=job_env(slurm, cache_dir))
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"submitted job (\d+)", result.stdout).group(1)
     info = slurm.wait_for_job(job_id, timeout=150)
     assert info["ExitCode"] == "0:0"
-    runs = tmp_path / "runs" / "pretrain"
+    runs = work / "runs" / "pretrain"
     log = (runs / "submitted.out").read_text()
     assert (runs / "submitted.sbatch").exists()
     assert "run summary" in log, log[-3000:]
