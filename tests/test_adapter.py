@@ -208,3 +208,12 @@ def test_bad_placement_lists_valid_values():
 def test_bottleneck_width_at_least_one():
     model = adapter.apply(llama(), AdapterMethodConfig(reduction_factor=1000))
     assert model.model.layers[0].mlp.ptft_adapter.down.out_features == 1
+
+
+@pytest.mark.parametrize("key,value,valid", [("method.placement", "both", "houlsby, pfeiffer"),
+                                             ("method.non_linearity", "tanh", "relu, gelu, silu")])
+def test_bad_choices_are_refused_when_the_config_is_composed(key, value, valid):
+    """Before any data is prepared or model loaded: `ptft config` already refuses them."""
+    from ptft.config.compose import compose
+    with pytest.raises(UsageError, match=f"{key}.*{valid}"):
+        compose("finetune", ["method=adapter", f"{key}={value}"])

@@ -68,6 +68,19 @@ class OnNonFinite(str, Enum):
     """Skip that step's update (at most train.max_nonfinite_skips times, then stop)."""
 
 
+class AdapterPlacement(str, Enum):
+    houlsby = "houlsby"
+    """After the attention and the feed-forward block of every layer (Houlsby et al. 2019)."""
+    pfeiffer = "pfeiffer"
+    """After the feed-forward block only (Pfeiffer et al. 2020)."""
+
+
+class NonLinearity(str, Enum):
+    relu = "relu"
+    gelu = "gelu"
+    silu = "silu"
+
+
 class Strategy(str, Enum):
     ddp = "ddp"
     """Every process holds the whole model; gradients are averaged (DistributedDataParallel)."""
@@ -214,11 +227,11 @@ class AdapterMethodConfig:
     """Bottleneck adapters (Houlsby et al. 2019): ptft's own module, see ptft/methods/adapter.py."""
     reduction_factor: int = 16
     """Bottleneck width = hidden_size // reduction_factor (at least 1)."""
-    placement: str = "houlsby"
+    placement: AdapterPlacement = AdapterPlacement.houlsby
     """houlsby: after the attention and the feed-forward block of every layer;
     pfeiffer: after the feed-forward block only (Pfeiffer et al. 2020)."""
-    non_linearity: str = "relu"
-    """relu | gelu | silu."""
+    non_linearity: NonLinearity = NonLinearity.relu
+    """The bottleneck's activation: relu | gelu | silu."""
     train_layer_norms: bool = False
     """Also train the model's normalisation layers."""
     train_head: bool = False

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptft.config.schema import AdapterMethodConfig  # the one definition of the method's keys
+from ptft.config.schema import (  # the one definition of the method's keys
+    AdapterMethodConfig, AdapterPlacement, NonLinearity)
 from ptft.errors import UsageError
 
 CONFIG_FILE = "ptft_adapter_config.json"
@@ -37,8 +38,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = 1
 ADAPTER_NAME = "ptft_adapter"
 
-PLACEMENTS = ("houlsby", "pfeiffer")
-NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+PLACEMENTS = tuple(placement.value for placement in AdapterPlacement)
+NON_LINEARITIES = {NonLinearity.relu.value: nn.ReLU, NonLinearity.gelu.value: nn.GELU,
+                   NonLinearity.silu.value: nn.SiLU}
 HEAD_NAMES = ("lm_head", "score", "classifier")
 
 # A module counts as "inside a layer" when a numeric component (the layer index in a
