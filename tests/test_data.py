@@ -426,3 +426,19 @@ def test_changing_the_eos_token_invalidates_the_token_cache(tokenizer, corpus_fi
     tokens = np.fromfile(second.tokens_dir / "train.bin", dtype=np.dtype(second.meta["dtype"]))
     assert int((tokens == new.eos_token_id).sum()) == second.meta["documents"]["train"]
     assert int((tokens == old.eos_token_id).sum()) == 0
+
+
+def test_hub_source_reads_a_dataset_and_keys_its_revision(tmp_path, monkeypatch):
+    """data=hub goes through datasets.load_dataset (here a local dataset folder, the hub
+    being out of reach); the revision read is part of the cache key, so another revision
+    (or the default branch at a new commit) is read and tokenised again."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(12)))
+    pinned = DataConfig(source="hub", name=str(folder), revision="v2", eval_fraction=0.0)
+    assert sorted(load_documents(pinned).train) == sorted(f"document {i}" for i in range(12))
+    keys = {describe_source(DataConfig(source="hub", name=str(folder), revision=r))["revision"]
+            for r in (None, "v2", "0" * 40)}
+    assert keys == {None, "v2", "0" * 40}

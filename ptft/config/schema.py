@@ -156,6 +156,10 @@ class DataConfig:
     """Hub dataset configuration (subset), for source=hub."""
     split: str = "train"
     """Split read from a hub dataset."""
+    revision: Optional[str] = None
+    """Hub dataset revision for source=hub: a branch, tag or commit. null: the default branch,
+    whose current commit (asked of the hub when it can be reached) keys the token cache, so
+    a dataset updated on the hub is read and tokenised again."""
     eval_paths: list[str] = field(default_factory=list)
     """Explicit evaluation files, same format as `paths` (file sources only); when set,
     eval_fraction is not used."""

@@ -60,7 +60,8 @@ def describe_source(cfg: DataConfig) -> dict:
     elif cfg.source in stdlib_tasks.TASK_DATASETS:
         description["corpus"] = stdlib_tasks.task_fingerprint(cfg.source)
     elif cfg.source == "hub":
-        description.update(name=cfg.name, subset=cfg.subset, split=cfg.split)
+        description.update(name=cfg.name, subset=cfg.subset, split=cfg.split,
+                           revision=hub_revision(cfg))
     else:
         description["files"] = [_file_stamp(p) for p in expand_paths(cfg.paths, "data.paths")]
     if cfg.source in _BUILDERS or cfg.source == "hub":
@@ -175,6 +176,29 @@ def _quiet_datasets():
         datasets.logging.set_verbosity(verbosity)
 
 
+def hub_revision(cfg: DataConfig) -> str | None:
+    """The revision of the hub dataset to read: data.revision as the commit it names now when
+    the hub can say (a branch moves; a commit read once is read the same way again), else
+    data.revision as given. The same answer for the whole process: the cache key and the
+    documents read come from one commit."""
+    from ptft.hub import prepare_for_hub
+
+    key = (cfg.name, cfg.revision)
+    if key not in _RESOLVED:
+        commit = None
+        if cfg.name and prepare_for_hub():
+            try:
+                from huggingface_hub import HfApi
+                commit = HfApi().dataset_info(cfg.name, revision=cfg.revision, timeout=10).sha
+            except Exception:  # reported by load_dataset, which says what is wrong
+                commit = None
+        _RESOLVED[key] = commit or cfg.revision
+    return _RESOLVED[key]
+
+
+_RESOLVED: dict[tuple, str | None] = {}
+
+
 def _read_hub(cfg: DataConfig):
     from ptft.hub import offline_hint, prepare_for_hub
 
@@ -184,7 +208,8 @@ def _read_hub(cfg: DataConfig):
     import datasets
 
     try:
-        return datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split)
+        return datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split,
+                                     revision=hub_revision(cfg))
     except Exception as err:  # connection, missing dataset and bad split all land here
         reason = offline_hint() if not online else first_line(err)
         raise UsageError(f"could not load hub dataset data.name={cfg.name}: {reason} Use local "
