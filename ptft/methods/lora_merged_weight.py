@@ -13,7 +13,11 @@ read the activations for is its own gradients, s (G B)^T x for A and s G^T (x A^
     with the update added in place: fp32 3.99 -> 3.58 s, bf16 1.70 -> 1.56 s.
 
 The result is the same sum rounded in another order (fp32: ~1e-7 relative); under autocast the
-merged weight is rounded to the autocast dtype once, as the base weight itself is.
+merged weight is rounded to the autocast dtype once, as the base weight itself is. That
+rounds the update at the weight's precision, not the output's as peft's sum does, and made no
+difference to training: 300 LoRA steps on docstrings from the default pre-trained llama-tiny,
+bf16 autocast, ended at eval loss 5.0660 either way (fp32: 5.0661), equal at every
+evaluation to the fourth decimal.
 
 Only for training steps: a forward without gradients (evaluation, generation) costs no
 backward, and for a few tokens the weight-sized merge would cost more than the thin
