@@ -217,3 +217,23 @@ def test_sigterm_to_one_rank_saves_on_every_rank_and_exits_75(fsdp_straight, wor
     assert rows(work / "fsdp-term") == rows(fsdp_straight)
     assert_same_weights(work / "fsdp-term" / "final" / "model.safetensors",
                         fsdp_straight / "final" / "model.safetensors")
+
+
+def test_fsdp_shards_the_blocks_transformers_keeps_whole():
+    """Decoder layers (transformers' _no_split_modules), also under peft and when another
+    ModuleList of the model is longer; GPT-2's blocks; the longest ModuleList otherwise."""
+    import torch
+
+    from ptft.config.schema import LoraMethodConfig
+    from ptft.engine.distributed import _decoder_layers
+    from ptft.methods import apply_method
+    from conftest import tiny_llama
+
+    llama = tiny_llama()
+    llama.extra = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(5))
+    assert _decoder_layers(llama) == list(llama.model.layers)
+    lora = apply_method(tiny_llama(), LoraMethodConfig(), "lm")
+    assert [type(m).__name__ for m in _decoder_layers(lora)] == ["LlamaDecoderLayer"] * 2
+    plain = torch.nn.Sequential(torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(3)),
+                                torch.nn.ModuleList([torch.nn.Linear(2, 2)]))
+    assert _decoder_layers(plain) == list(plain[0])

@@ -172,7 +172,23 @@ def wrap_model(model: torch.nn.Module, world: World, strategy: str, device: torc
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks (the longest ModuleList: model.layers, transformer.h, ...)."""
+    """The blocks FSDP shards one by one: those transformers marks as not to be split
+    (`_no_split_modules`: LlamaDecoderLayer, GPT2Block, a vision tower's layers too; what
+    accelerate's FSDP auto-wrap takes), outermost only; for other models the longest
+    ModuleList (which in a model with more experts or vision layers than decoder layers
+    would not be the decoder's)."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks, inside = [], set()
+    for module in model.modules():  # parents before their children
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names:
+            blocks.append(module)
+            inside.update(id(m) for m in module.modules())
+    if blocks:
+        return blocks
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
 
