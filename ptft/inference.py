@@ -67,6 +67,8 @@ def locate(path: str) -> Target:
     if not given.is_dir():
         raise UsageError(f"{path} is not a directory; give a run directory (it holds final/) "
                          "or a model directory.")
+    if _is_checkpoint(given):
+        raise UsageError(_checkpoint_hint(path, given))
     if (given / "config.yaml").is_file() and _model_kind(given) is None:
         run_dir, model_dir = given, given / "final"
         if not model_dir.is_dir():
@@ -86,6 +88,28 @@ def locate(path: str) -> Target:
     base = None if kind == FULL else _base_model(model_dir, kind)
     return Target(model_dir=model_dir, run_dir=run_dir, kind=kind,
                   task=_model_task(model_dir, kind), base=base)
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    from ptft.engine.checkpoint import COMPLETE_MARKER
+
+    return (folder / COMPLETE_MARKER).is_file() and (folder / "state.json").is_file()
+
+
+def _checkpoint_hint(path: str, folder: Path) -> str:
+    """What to do with a training checkpoint given where a model is expected: resume from it
+    without training further, which writes its weights as a model (final/)."""
+    step = _read_json(folder / "state.json").get("step", "N")
+    stage = "pretrain"
+    config = folder / "config.yaml"
+    if config.is_file():
+        from omegaconf import OmegaConf
+        stage = OmegaConf.load(config).get("stage", {}).get("name", stage)
+    return (f"{path} is a training checkpoint (step {step}), not a model directory. Write "
+            f"its weights as a model by resuming from it without training further: ptft "
+            f"{stage} run.resume={folder} train.max_steps={step} run.dir=NEW_DIR (with the "
+            f"run's own overrides: a difference from {config} is reported); the model is "
+            "then NEW_DIR/final. A finished run's own final/ needs no such step.")
 
 
 def _model_kind(folder: Path) -> str | None:

@@ -154,3 +154,34 @@ def test_generate_on_a_missing_directory_exits_2(tmp_path, cache_dir):
                       cache=cache_dir)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "not a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_given_as_a_model_says_how_to_write_it_as_one(runs, cache_dir):
+    """A checkpoint folder is not a model: the message names the command that writes its
+    weights as one (resuming without training further), and that command does."""
+    from safetensors.torch import load_file
+
+    trained = runs["work"] / "checkpointed"  # TINY saves at step 6: that is the checkpoint
+    pre = run_ptft("pretrain", *TINY, "train.max_steps=6", f"run.dir={trained}",
+                   cwd=runs["work"], cache=cache_dir)
+    assert pre.returncode == 0, pre.stdout + pre.stderr
+    checkpoint = trained / "checkpoints" / "step-000006"
+    result = run_ptft("generate", str(checkpoint), "--prompt", "x", cwd=runs["work"],
+                      cache=cache_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    message = " ".join(result.stderr.split())
+    command = re.search(r"ptft (\w+) (run\.resume=\S+ train\.max_steps=\d+) run\.dir=NEW_DIR",
+                        message)
+    assert command, message
+    stage, settings = command.group(1), command.group(2).split()
+    exported = runs["work"] / "exported"
+    resumed = run_ptft(stage, *TINY, *settings, f"run.dir={exported}", cwd=runs["work"],
+                       cache=cache_dir)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # The run ended at that step: the checkpoint's weights are its final model's.
+    want = load_file(str(trained / "final" / "model.safetensors"))
+    got = load_file(str(exported / "final" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(got[k].equal(want[k]) for k in want)
+    generated = run_ptft("generate", str(exported), "--prompt", "def f", "--max-new-tokens",
+                         "4", cwd=runs["work"], cache=cache_dir)
+    assert generated.returncode == 0, generated.stderr
