@@ -111,6 +111,29 @@ def test_template_without_eos_gets_one_after_the_final_answer_only():
     assert trained == "beta\ndelta\n<|im_end|>"
 
 
+def test_sentencepiece_tokens_are_the_rendered_template():
+    """A SentencePiece tokenizer marks the start of every text it is given as a word start
+    ('▁'): tokenised segment by segment, the prompt's closing '[/INST] ' would end in a lone
+    '▁' and the answer begin with another, tokens that inference, tokenising the whole
+    rendering, never produces."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [f"[INST] {r['prompt']} [/INST] {r['response']}" for r in records(200)]
+    spm = SentencePieceBPETokenizer()
+    spm.train_from_iterator(texts * 3, vocab_size=300, special_tokens=["<unk>", "</s>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, unk_token="<unk>", eos_token="</s>")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                         "{{ m['content'] }} [/INST] {% else %}{{ m['content'] }}{{ eos_token }}"
+                         "{% endif %}{% endfor %}")
+    [ids], [flags], _ = tokenize_sft([{"messages": TWO_TURNS}], tok, DataConfig(), 64, False)
+    rendered = tok.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert ids.tolist() == tok(rendered, add_special_tokens=False)["input_ids"]
+    # '▁beta' starts at the space the prompt segment ends with: it is the answer's token
+    trained = tok.convert_ids_to_tokens([int(t) for t, f in zip(ids, flags) if f])
+    assert trained == ["▁beta", "</s>", "▁delta", "</s>"]
+
+
 def test_overlong_samples_follow_the_policy(tokenizer):
     long = {"prompt": "alpha", "response": " ".join(["beta"] * 50)}
     prompt_heavy = {"prompt": " ".join(["gamma"] * 60), "response": "delta"}

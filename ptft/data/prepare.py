@@ -32,7 +32,7 @@ from ptft.models import check_model_path
 from ptft.tempdirs import temporary_sibling
 
 # Bump when the token files' layout or the sample construction changes.
-TOKENS_FORMAT_VERSION = 3
+TOKENS_FORMAT_VERSION = 4  # 4: SFT conversations tokenised whole (ptft/data/sft.py)
 
 
 @dataclass

@@ -11,6 +11,8 @@ losses as the same samples unpacked.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -83,6 +85,45 @@ def render_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     return segments
 
 
+def _tokenize_rendered(all_segments: list[list[tuple[str, bool]]],
+                       tokenizer) -> list[list[tuple[list[int], bool]]]:
+    """Per conversation, its tokens as (ids, is_answer) pieces: the whole rendering tokenised
+    at once, as inference tokenises it, each token marked by the segments its characters
+    come from (a token that reaches into an answer is the answer's, as transformers' assistant
+    masks have it). Segment by segment would differ where the tokenizer treats the start of a
+    text specially: a SentencePiece tokenizer (Llama 2, Mistral) puts a word-start mark on
+    every segment's first word, which the whole text has only at its start. A tokenizer
+    without character offsets (a slow one) is run segment by segment."""
+    texts = ["".join(text for text, _ in segments) for segments in all_segments]
+    if not texts:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        flat = [text for segments in all_segments for text, _ in segments]
+        flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"])
+        return [[(list(next(flat_ids)), is_answer) for _, is_answer in segments]
+                for segments in all_segments]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for segments, ids, offsets in zip(all_segments, encoded["input_ids"],
+                                      encoded["offset_mapping"]):
+        ends = list(itertools.accumulate(len(text) for text, _ in segments))
+        answers = [is_answer for _, is_answer in segments]
+        last = len(segments) - 1
+
+        def segment_at(char: int) -> int:
+            return min(bisect.bisect_right(ends, char), last)
+
+        pieces: list[tuple[list[int], bool]] = []
+        for token, (start, end) in zip(ids, offsets):
+            is_answer = any(answers[segment_at(start):segment_at(max(start, end - 1)) + 1])
+            if pieces and pieces[-1][1] == is_answer:
+                pieces[-1][0].append(token)
+            else:
+                pieces.append(([token], is_answer))
+        out.append(pieces)
+    return out
+
+
 @dataclass
 class SFTStats:
     samples: int = 0
@@ -99,14 +140,9 @@ def tokenize_sft(records: list[dict], tokenizer, cfg: DataConfig, seq_len: int,
     eos = tokenizer.eos_token_id
     stats = SFTStats()
     all_segments = [render_segments(to_messages(r, cfg), tokenizer) for r in records]
-    flat_texts = [text for segments in all_segments for text, _ in segments]
-    flat_ids = tokenizer(flat_texts, add_special_tokens=False)["input_ids"] if flat_texts else []
+    tokenized = _tokenize_rendered(all_segments, tokenizer)
     tokens_out, flags_out = [], []
-    cursor = 0
-    for segments in all_segments:
-        pieces = [(list(flat_ids[cursor + i]), is_answer)
-                  for i, (_, is_answer) in enumerate(segments)]
-        cursor += len(segments)
+    for pieces in tokenized:
         # The tokens are the template's rendering, unchanged: a template that ends its turns
         # with EOS (ours; ChatML's `<|im_end|>\n`, where EOS is not the turn's last token)
         # already gives the model its stop token to learn in every answer. Only a template
