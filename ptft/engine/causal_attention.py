@@ -71,14 +71,11 @@ def _blocks(length: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-@functools.lru_cache(maxsize=256)
-def _block_mask(groups: int, start: int, end: int) -> torch.Tensor:
-    """The additive causal mask of query rows start..end (each of `groups` heads in turn)
-    over keys 0..end."""
-    mask = torch.zeros(end - start, end)
-    above_diagonal = torch.ones(end - start, end - start, dtype=torch.bool).triu(1)
-    mask[:, start:].masked_fill_(above_diagonal, float("-inf"))
-    return mask.repeat(groups, 1)
+@functools.lru_cache(maxsize=64)
+def _diagonal_mask(rows: int) -> torch.Tensor:
+    """The additive causal mask of a block's own keys: -inf above the diagonal. (Keys before
+    the block are all visible; cached by size only, a few KB each.)"""
+    return torch.full((rows, rows), float("-inf")).triu_(1)
 
 
 def _grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -101,8 +98,11 @@ def _forward(query, key, value, scale: float, keep: list | None) -> torch.Tensor
     pairs, groups, length, _ = grouped_q.shape
     out = values.new_empty(pairs, groups, length, values.shape[-1])
     for start, end in _blocks(length):
-        scores = torch.baddbmm(_block_mask(groups, start, end), _rows(grouped_q, start, end),
-                               keys[:, :end].transpose(1, 2), alpha=scale)
+        rows = _rows(grouped_q, start, end)
+        scores = torch.baddbmm(rows.new_empty(()), rows, keys[:, :end].transpose(1, 2),
+                               beta=0, alpha=scale)
+        scores.view(pairs, groups, end - start, end)[..., start:].add_(
+            _diagonal_mask(end - start))
         probs = torch.softmax(scores, dim=-1)
         out[:, :, start:end] = torch.bmm(probs, values[:, :end]).view(
             pairs, groups, end - start, -1)
