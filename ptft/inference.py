@@ -13,6 +13,7 @@ loaded first. The tokenizer is always saved in `final/`.
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,9 +106,12 @@ def _checkpoint_hint(path: str, folder: Path) -> str:
     if config.is_file():
         from omegaconf import OmegaConf
         stage = OmegaConf.load(config).get("stage", {}).get("name", stage)
+    from ptft.config.compose import override
+
+    resume = shlex.quote(override("run.resume", folder))  # as Hydra, then the shell, read it
     return (f"{path} is a training checkpoint (step {step}), not a model directory. Write "
             f"its weights as a model by resuming from it without training further: ptft "
-            f"{stage} run.resume={folder} train.max_steps={step} run.dir=NEW_DIR (with the "
+            f"{stage} {resume} train.max_steps={step} run.dir=NEW_DIR (with the "
             f"run's own overrides: a difference from {config} is reported); the model is "
             "then NEW_DIR/final. A finished run's own final/ needs no such step.")
 

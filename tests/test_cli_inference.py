@@ -185,3 +185,20 @@ def test_a_checkpoint_given_as_a_model_says_how_to_write_it_as_one(runs, cache_d
     generated = run_ptft("generate", str(exported), "--prompt", "def f", "--max-new-tokens",
                          "4", cwd=runs["work"], cache=cache_dir)
     assert generated.returncode == 0, generated.stderr
+
+
+def test_the_checkpoint_hint_quotes_a_path_hydra_or_the_shell_would_split(tmp_path):
+    import shlex
+
+    from ptft.errors import UsageError
+    from ptft.inference import locate
+    checkpoint = tmp_path / "my runs" / "x,y" / "checkpoints" / "step-000006"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text("")
+    (checkpoint / "state.json").write_text(json.dumps({"step": 6}))
+    (checkpoint / "config.yaml").write_text("stage:\n  name: finetune\n")
+    with pytest.raises(UsageError) as err:
+        locate(str(checkpoint))
+    command = re.search(r"ptft finetune (.*) run\.dir=NEW_DIR", str(err.value)).group(1)
+    overrides = shlex.split(command)  # what the shell hands ptft
+    assert compose("finetune", overrides).run.resume == str(checkpoint)

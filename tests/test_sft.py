@@ -134,6 +134,18 @@ def test_sentencepiece_tokens_are_the_rendered_template():
     assert trained == ["▁beta", "</s>", "▁delta", "</s>"]
 
 
+def test_an_empty_final_answer_still_learns_its_eos(tokenizer):
+    """A template that adds nothing after the answer renders an empty answer as no text at
+    all: the sample still ends with the EOS the model must learn to stop with."""
+    tok = _chatml_tokenizer("{% for m in messages %}{% if m['role'] == 'user' %}Q: "
+                            "{{ m['content'] }}\nA:{% else %}{{ m['content'] }}{% endif %}"
+                            "{% endfor %}")
+    empty = [{"role": "user", "content": "alpha"}, {"role": "assistant", "content": ""}]
+    [ids], [flags], stats = tokenize_sft([{"messages": empty}], tok, DataConfig(), 64, False)
+    assert ids[-1] == tok.eos_token_id and flags[-1] and not flags[:-1].any()
+    assert stats.dropped_all_masked == 0
+
+
 def test_overlong_samples_follow_the_policy(tokenizer):
     long = {"prompt": "alpha", "response": " ".join(["beta"] * 50)}
     prompt_heavy = {"prompt": " ".join(["gamma"] * 60), "response": "delta"}

@@ -120,6 +120,8 @@ def _tokenize_rendered(all_segments: list[list[tuple[str, bool]]],
                 pieces[-1][0].append(token)
             else:
                 pieces.append(([token], is_answer))
+        if answers[-1] and not (pieces and pieces[-1][1]):
+            pieces.append(([], True))  # an empty final answer: still the place for its EOS
         out.append(pieces)
     return out
 
