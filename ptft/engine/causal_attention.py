@@ -4,9 +4,9 @@ PyTorch's CPU flash-attention kernel computes the causal half of softmax(Q K^T *
 below the matmul rate at small head sizes, and its backward more so: llama-tiny's attention
 (16 x 4 heads x 256 x 32) takes 14-17 ms a layer forward and backward, 19 ms under bf16
 autocast. Here the queries are cut into blocks of 64 rows; each block attends to the keys up
-to its own end, so the blocks above the diagonal are never computed (a quarter of the work
-remains masked at 4 blocks, against half for one matmul over the whole square), and every
-product is one batched GEMM over all (batch, head) pairs:
+to its own end, so the blocks above the diagonal are never computed (at 4 blocks 10/16 of the
+square is computed for the causal 8/16, where one matmul over the whole square computes all
+16), and every product is one batched GEMM over all (batch, head) pairs:
 
     forward, per block     S = Q_b K_{:b}^T * s + causal    P = softmax(S)    O_b = P V_{:b}
     backward, per block    dV_{:b} += P^T dO_b    dP = dO_b V_{:b}^T
@@ -15,7 +15,7 @@ product is one batched GEMM over all (batch, head) pairs:
 
 (rowsum(dO * O) equals rowsum(dP * P), FlashAttention's shortcut: one pass over D columns, not
 the block's keys). The same attention, 2 CPU threads, forward + backward:
-llama-tiny's shape 13.9 -> 10.5 ms, llama-small's (8 x 8 x 256 x 64) 26.8 -> 17.4 ms; under
+llama-tiny's shape 13.9 -> 9.9 ms, llama-small's (8 x 8 x 256 x 64) 26.8 -> 16.1 ms; under
 bf16 autocast (against the bf16 flash kernel) 18.8 -> 10.9 and 26.2 -> 17.8 ms.
 
 It runs in fp32 whatever the autocast dtype, as the packed attention does: scores and
