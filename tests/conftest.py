@@ -45,6 +45,20 @@ def tiny_llama(seed: int = 0, **config):
                                             attn_implementation="sdpa")
 
 
+@pytest.fixture(params=[False, True], ids=["torch-matmul", "onednn-matmul"])
+def matmul_route(request):
+    """Each fp32 CPU projection route in turn (ptft/engine/onednn_linear.py): torch.mm, and
+    oneDNN where this torch has it; the process-wide switch is put back afterwards."""
+    from ptft.engine import onednn_linear
+
+    if request.param and not onednn_linear.available():
+        pytest.skip("this torch has no oneDNN linear op")
+    before = onednn_linear.routed()
+    onednn_linear.route_fp32_linears(request.param)
+    yield request.param
+    onednn_linear.route_fp32_linears(before)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One data cache for the whole session, so tokenizers are trained once."""

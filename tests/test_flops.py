@@ -117,9 +117,10 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert record["peak_flops"] == peak
     assert record["threads"] == torch.get_num_threads() and record["dtype"] == "fp32"
     # The second call reads the file: no new probe.
-    monkeypatch.setattr(flops_module, "cpu_matmul_probe", lambda *a, **k: pytest.fail("probed"))
-    cached.write_text(json.dumps({**record, "peak_flops": 123.0}))
-    assert device_peak_flops("cpu", torch.float32, tmp_path) == 123.0
+    monkeypatch.setattr(flops_module, "cpu_matmul_probe_rates",
+                        lambda *a, **k: pytest.fail("probed"))
+    cached.write_text(json.dumps({**record, "rates": {"torch": 123.0, "onednn": 99.0}}))
+    assert device_peak_flops("cpu", torch.float32, tmp_path) == 123.0  # the faster route's
     monkeypatch.setenv(flops_module.PEAK_ENV, "5e11")
     assert device_peak_flops("cpu", torch.float32, tmp_path) == 5e11
 

@@ -47,7 +47,7 @@ def _loss_and_grads(compute, tensors, dtype):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, device,
-                                                                monkeypatch):
+                                                                monkeypatch, matmul_route):
     monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, device, 4 * V * 7)  # chunks of 7 rows
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 is fp32
     hidden, weight, b, labels = _inputs(bias, device)
@@ -79,7 +79,7 @@ def test_fused_loss_without_gradients_and_with_a_frozen_weight():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_loss_is_exact_where_the_target_probability_underflows(bias):
+def test_fused_loss_is_exact_where_the_target_probability_underflows(bias, matmul_route):
     """A diverged model: targets with a loss far beyond fp32's exp range (p underflows to 0)
     still get their exact loss (from those rows' logits computed again: the softmax has
     overwritten them), and the gradient (softmax - onehot) stays right."""

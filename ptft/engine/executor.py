@@ -29,7 +29,8 @@ from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_
                                     save_checkpoint)
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
-from ptft.engine.flops import TrainingMeter, device_peak_flops, training_flops
+from ptft.engine.flops import (TrainingMeter, device_peak_flops, onednn_outruns_torch,
+                               training_flops)
 from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers, jsonable
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
@@ -108,6 +109,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         check_sliding_window(model, getattr(data.train, "packing", False), t.seq_len)
         # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
         packed_attention = not t.compile and use_packed_attention(model, device)
+        onednn = _route_fp32_linears(model, device, amp_dtype, t.compile, world,
+                                     cfg.data.cache_dir)
         total_params, trainable_params = count_parameters(model)
         _activation_checkpointing(model, t.activation_checkpointing)
         flops = training_flops(model, t.seq_len)
@@ -162,7 +165,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                "run_dir": str(run_dir), "data_prep_s": data_prep_s,
                # what train.precision=auto and train.chunked_loss=null resolved to
                "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
-               "chunked_loss": chunked_loss, "packed_attention": packed_attention}
+               "chunked_loss": chunked_loss, "packed_attention": packed_attention,
+               "onednn_linears": onednn}
     _write_summary(run_dir, summary, world)
 
     def run_eval(step: int) -> None:
@@ -396,6 +400,22 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _route_fp32_linears(model, device, amp_dtype, compiled: bool, world, cache_dir) -> bool:
+    """fp32 CPU training sends its projections (and the fused loss's matmuls) through oneDNN
+    where the CPU matmul probe measured it faster than torch.mm's MKL: about 2x on AMD CPUs
+    with full-width AVX-512 (ptft/engine/onednn_linear.py). Under autocast torch already uses
+    oneDNN; a compiled model is left to the compiler. Rank 0 decides (the probe is cached)."""
+    from ptft.engine import onednn_linear
+
+    on = (device.type == "cpu" and amp_dtype is None and not compiled
+          and onednn_linear.available() and bool(world.on_main(
+              lambda: onednn_outruns_torch(cache_dir))))
+    onednn_linear.route_fp32_linears(on)
+    if on:
+        onednn_linear.use_onednn_linears(model)
+    return on
 
 
 def _chunked_loss(setting: bool | None, model, task: str) -> bool:

@@ -28,7 +28,11 @@ MFU = achieved FLOPs per second / the device's peak: a table of dense bf16/fp16/
 figures for known NVIDIA GPUs (looked up by torch.cuda.get_device_name), and on a CPU a peak
 measured once by a short matmul probe and cached on disk (keyed by CPU model, thread count,
 torch version and dtype; a probe taken while other processes kept the cores busy is used for
-that run only, not cached). PTFT_PEAK_FLOPS=<FLOP/s> overrides both.
+that run only, not cached). PTFT_PEAK_FLOPS=<FLOP/s> overrides both. For fp32 the probe times
+both matmul libraries torch ships (MKL through torch.mm, oneDNN through its linear op) and the
+peak is the faster one's: on AMD CPUs with full-width AVX-512 oneDNN runs about twice as fast
+as MKL (ptft/engine/onednn_linear.py), and a peak taken from MKL alone would let MFU count
+against half of what the machine does.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from pathlib import Path
 
 import torch
 
+from ptft.engine import onednn_linear
+
 PEAK_ENV = "PTFT_PEAK_FLOPS"
-PROBE_FORMAT = 1  # bump when the probe changes: cached peaks are then measured again
+PROBE_FORMAT = 2  # bump when the probe changes: cached peaks are then measured again
 
 # Dense peak FLOP/s (no structured sparsity) from NVIDIA's data sheets, by the name that
 # torch.cuda.get_device_name reports (lower case). First match wins: more specific names first.
@@ -162,8 +168,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 def device_peak_flops(device: torch.device | str, dtype: torch.dtype | None = None,
                       cache_dir: str | Path | None = None) -> float | None:
     """Peak dense matmul FLOP/s of `device` at `dtype` (None: fp32). CUDA: the data-sheet table
-    (None for an unknown GPU); CPU: measured by `cpu_matmul_probe` once, then read from
-    <cache_dir>/peak-flops/. PTFT_PEAK_FLOPS in the environment overrides both."""
+    (None for an unknown GPU); CPU: the fastest route of `cpu_matmul_rates` (measured once,
+    cached). PTFT_PEAK_FLOPS in the environment overrides both."""
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV])
     device = torch.device(device)
@@ -172,19 +178,36 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype | None = No
         return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
     if device.type != "cpu":
         return None
+    return max(cpu_matmul_rates(dtype, cache_dir).values())
+
+
+def cpu_matmul_rates(dtype: torch.dtype | None = None,
+                     cache_dir: str | Path | None = None) -> dict[str, float]:
+    """This CPU's matmul FLOP/s at `dtype` by route ('torch': torch.mm, i.e. MKL for fp32;
+    'onednn': ptft/engine/onednn_linear.py, fp32 only): measured by `cpu_matmul_probe` once,
+    then read from <cache_dir>/peak-flops/."""
+    dtype = dtype or torch.float32
     path = _probe_cache_path(dtype, cache_dir)
     try:
-        return float(json.loads(path.read_text())["peak_flops"])
-    except (OSError, ValueError, KeyError):
+        return {k: float(v) for k, v in json.loads(path.read_text())["rates"].items()}
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
-    peak = cpu_matmul_probe(dtype)
+    rates = cpu_matmul_probe_rates(dtype)
     if _cpus_busy():  # other work took cores from the probe: it read low; measure next time
-        return peak
+        return rates
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"peak_flops": peak, **_probe_key(dtype)}, indent=2))
+    tmp.write_text(json.dumps({"peak_flops": max(rates.values()), "rates": rates,
+                               **_probe_key(dtype)}, indent=2))
     tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
-    return peak
+    return rates
+
+
+def onednn_outruns_torch(cache_dir: str | Path | None = None, margin: float = 1.1) -> bool:
+    """Whether fp32 projections on this CPU should take the oneDNN route: it measured at least
+    `margin` times torch.mm's rate (AMD CPUs with full-width AVX-512, where MKL runs AVX2)."""
+    rates = cpu_matmul_rates(torch.float32, cache_dir)
+    return rates.get("onednn", 0.0) >= margin * rates["torch"]
 
 
 def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
@@ -201,24 +224,41 @@ def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
 
 def cpu_matmul_probe(dtype: torch.dtype = torch.float32, size: int = 2048,
                      budget_s: float = 0.8, max_repeats: int = 8) -> float:
-    """Best-of-N FLOP/s of a square `size` matmul on the CPU with the current thread count:
-    a short (< 2 s) stand-in for the peak that a training step's matmuls can reach."""
+    """The CPU's peak matmul FLOP/s now: the best route of `cpu_matmul_probe_rates`."""
+    return max(cpu_matmul_probe_rates(dtype, size, budget_s, max_repeats).values())
+
+
+def cpu_matmul_probe_rates(dtype: torch.dtype = torch.float32, size: int = 2048,
+                           budget_s: float = 0.8, max_repeats: int = 8) -> dict[str, float]:
+    """Best-of-N FLOP/s of a square `size` matmul on the CPU with the current thread count,
+    by route: torch.mm, and for fp32 also the oneDNN projection ptft can send fp32 work to.
+    A short (< 2 s per route) stand-in for the peak that a training step's matmuls can reach."""
+    from ptft.engine import onednn_linear
+
     # A generator of its own: the probe runs after the run is seeded, and only when no peak is
     # cached, so drawing from the global one would make the run's dropout depend on the cache.
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(dtype)
     b = torch.randn(size, size, generator=generator).to(dtype)
     out = torch.empty(size, size, dtype=dtype)
-    torch.matmul(a, b, out=out)  # warm-up: thread pool, kernel selection
+    routes = {"torch": lambda: torch.matmul(a, b, out=out)}
+    if dtype == torch.float32 and onednn_linear.available():
+        routes["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return {name: 2.0 * size ** 3 / _best_time(run, budget_s, max_repeats)
+            for name, run in routes.items()}
+
+
+def _best_time(run, budget_s: float, max_repeats: int) -> float:
+    run()  # warm-up: thread pool, kernel selection
     best = float("inf")
     started = time.perf_counter()
     for _ in range(max_repeats):
         t0 = time.perf_counter()
-        torch.matmul(a, b, out=out)
+        run()
         best = min(best, time.perf_counter() - t0)
         if time.perf_counter() - started > budget_s:
             break
-    return 2.0 * size ** 3 / best
+    return best
 
 
 def _cpus_busy() -> bool:

@@ -19,6 +19,9 @@ difference to training: 300 LoRA steps on docstrings from the default pre-traine
 bf16 autocast, ended at eval loss 5.0660 either way (fp32: 5.0661), equal at every
 evaluation to the fourth decimal.
 
+Its two activation-sized matmuls take ptft's oneDNN route where that is on
+(ptft/engine/onednn_linear.py: fp32 on CPUs where oneDNN outruns MKL).
+
 Only for training steps: a forward without gradients (evaluation, generation) costs no
 backward, and for a few tokens the weight-sized merge would cost more than the thin
 matmuls it saves, so those keep the per-token path (ptft/methods/lora_linear.py)."""
@@ -28,7 +31,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
+
+from ptft.engine import onednn_linear
 
 
 def merged_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -61,8 +65,9 @@ class _MergedWeightLora(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         dtype = _matmul_dtype(x)
         with _autocast_off(x.device.type):
-            out = F.linear(x.to(dtype), _merged(weight, lora_A, lora_B, scaling, dtype),
-                           None if bias is None else bias.to(dtype))
+            out = onednn_linear.matmul_nt(x.to(dtype), _merged(weight, lora_A, lora_B, scaling,
+                                                               dtype),
+                                          None if bias is None else bias.to(dtype))
         # The merged weight is not kept: backward forms it again (weight-sized, cheap), which
         # keeps LoRA's memory at the frozen weights plus the factors.
         ctx.save_for_backward(x, weight, lora_A, lora_B)
@@ -78,14 +83,31 @@ class _MergedWeightLora(torch.autograd.Function):
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             grads = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
             inputs = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, in)
-            # Both factor gradients are computed as (r x tokens) @ (tokens x features): CPU
-            # BLAS runs that shape 2-5x faster than (features x tokens) @ (tokens x r).
-            if ctx.needs_input_grad[3]:
-                grad_A = ((b.t() @ grads.t()) @ inputs).mul_(scaling).to(lora_A.dtype)
-            if ctx.needs_input_grad[4]:
-                grad_B = ((a @ inputs.t()) @ grads).t().mul_(scaling)
-                grad_B = grad_B.to(lora_B.dtype).contiguous()
+            grad_A, grad_B = _factor_grads(grads, inputs, a, b, *ctx.needs_input_grad[3:5])
+            if grad_A is not None:
+                grad_A = grad_A.mul_(scaling).to(lora_A.dtype)
+            if grad_B is not None:
+                grad_B = grad_B.mul_(scaling).to(lora_B.dtype).contiguous()
             if ctx.needs_input_grad[0]:
                 merged = _merged(weight, lora_A, lora_B, scaling, dtype)
-                grad_x = (grads @ merged).view(x.shape).to(x.dtype)
+                grad_x = onednn_linear.matmul_nt(grads, merged.t()).view(x.shape).to(x.dtype)
         return grad_x, None, None, grad_A, grad_B, None
+
+
+def _factor_grads(grads: torch.Tensor, inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  need_a: bool, need_b: bool):
+    """(G B)^T X and G^T (X A^T), unscaled (None where not needed): G (tokens x out) the output
+    gradient, X (tokens x in) the input, A (r x in), B (out x r)."""
+    if onednn_linear.applies(grads, inputs, a, b):
+        # oneDNN: the thin (tokens x r) products first, then the reductions over tokens
+        # (llama-small's shapes, both factors: 3.8 -> 1.5 ms against the MKL form below).
+        grad_a = onednn_linear.weight_grad(onednn_linear.matmul_nt(grads, b.t()), inputs) \
+            if need_a else None
+        grad_b = onednn_linear.weight_grad(grads, onednn_linear.matmul_nt(inputs, a)) \
+            if need_b else None
+        return grad_a, grad_b
+    # MKL: both as (r x tokens) @ (tokens x features), 2-5x faster than (features x tokens)
+    # @ (tokens x r).
+    grad_a = (b.t() @ grads.t()) @ inputs if need_a else None
+    grad_b = ((a @ inputs.t()) @ grads).t() if need_b else None
+    return grad_a, grad_b

@@ -1,0 +1,125 @@
+"""fp32 projections on a CPU through oneDNN, on machines where it outruns MKL.
+
+torch sends an fp32 CPU matmul to MKL. MKL picks its kernels by CPU vendor, and on AMD
+processors it runs its AVX2 code even where the core executes AVX-512 at full width: on this
+project's machine (AMD EPYC, Zen 5, 2 threads) a 2048^3 matmul reaches ~210 GFLOP/s through
+torch.mm and ~470 GFLOP/s through oneDNN (which torch also ships, and already uses for bf16),
+with the same fp32 results (rounded in another order). The shapes of a training step, same
+machine, GFLOP/s through MKL -> oneDNN:
+
+    (4096 x 128) @ (128 x 512)      forward / input gradient      210 -> 455
+    (4096 x 1376) @ (1376 x 512)    forward / input gradient      213 -> 482
+    (512 x 4096) @ (4096 x 128)     weight gradient               196 -> 353
+    (256 x 128) @ (128 x 8192)      a chunk of the loss's logits  203 -> 477
+
+On Intel CPUs MKL runs AVX-512 itself and the two are level, so the route is taken only where
+the CPU matmul probe measured oneDNN clearly faster (ptft/engine/flops.py, cached per machine);
+the probe's peak is then oneDNN's rate, so MFU stays a fraction of what the machine can do.
+
+The entry point is torch's own oneDNN linear op (mkldnn::_linear_pointwise, what inductor
+calls for CPU linears), which has no backward: `linear` wraps it in an autograd function whose
+input and weight gradients are the same op on transposed views (oneDNN reads the strides, so
+nothing is copied). Anything else (autocast on, another dtype or device, a torch without the op,
+the route switched off) goes to F.linear as before.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+_ROUTE = {"on": False}
+
+
+def available() -> bool:
+    """Whether this torch has the oneDNN linear op."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def route_fp32_linears(on: bool) -> None:
+    """Send fp32 CPU projections through oneDNN (True) or leave them to torch (False). A
+    process-wide switch, like torch.backends' own: the executor sets it from the probe."""
+    _ROUTE["on"] = bool(on) and available()
+
+
+def routed() -> bool:
+    return _ROUTE["on"]
+
+
+def applies(*tensors: torch.Tensor | None) -> bool:
+    """Whether a matmul over `tensors` (None: an absent bias) takes the oneDNN route: route on,
+    autocast off (it picks its own dtype and kernels), all plain fp32 CPU tensors."""
+    if not _ROUTE["on"] or torch.is_autocast_enabled("cpu"):
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
+                             and t.layout == torch.strided) for t in tensors)
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b^T (+ bias), no autograd: a (..., k), b (n, k). Views (b = w.t() and the like) are
+    read through their strides."""
+    if applies(a, b, bias):
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return F.linear(a, b, bias)
+
+
+def weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """grad_out^T @ inputs, (n x t) @ (t x k), the weight gradient of a projection (2-D
+    operands). oneDNN runs the reduction over tokens fastest with the wider side of the result
+    as its columns (measured 1.3-1.9x on the shapes above), so a result wider than it is tall
+    is computed the other way round and transposed back (a view)."""
+    if not applies(grad_out, inputs):
+        return grad_out.t() @ inputs
+    if grad_out.shape[1] > inputs.shape[1]:
+        return matmul_nt(inputs.t(), grad_out.t()).t()
+    return matmul_nt(grad_out.t(), inputs.t())
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return matmul_nt(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul_nt(grad_out, weight.t())
+        grads = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(grads, x.reshape(-1, x.shape[-1])).contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grads.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through oneDNN where `applies` (differentiable)."""
+    if not applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _OneDnnLinear.apply(x, weight, bias)
+    return matmul_nt(x, weight, bias)
+
+
+def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: torch.nn.Module) -> int:
+    """Give every plain nn.Linear of `model` a forward through `linear` (an instance
+    attribute: the class, names and state dict stay as they are; subclasses such as peft's
+    LoRA layers keep their own forward). Returns how many layers it changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and "forward" not in vars(module):
+            module.forward = types.MethodType(_linear_forward, module)
+            changed += 1
+    return changed

@@ -1,0 +1,149 @@
+"""fp32 projections through oneDNN: the same outputs and gradients as F.linear, what takes the
+route and what does not, the probe that decides it, and a run that takes it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, rows, run_ptft, tiny_llama
+from ptft.engine import flops as flops_module
+from ptft.engine import onednn_linear
+from ptft.engine.executor import _route_fp32_linears
+from ptft.engine.flops import cpu_matmul_rates, onednn_outruns_torch
+
+needs_onednn = pytest.mark.skipif(not onednn_linear.available(),
+                                  reason="this torch has no oneDNN linear op")
+
+
+@pytest.fixture
+def routed():
+    before = onednn_linear.routed()
+    onednn_linear.route_fp32_linears(True)
+    yield
+    onednn_linear.route_fp32_linears(before)
+
+
+def _grads(fn, tensors):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+    return [out.detach()] + [t.grad for t in tensors]
+
+
+@needs_onednn
+@pytest.mark.parametrize("out_features,in_features", [(48, 16), (16, 48), (24, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_same_output_and_gradients_as_f_linear(out_features, in_features, bias, routed):
+    # Both orientations of the weight gradient (wider than tall is computed transposed).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, in_features, generator=g).requires_grad_()
+    w = torch.randn(out_features, in_features, generator=g).requires_grad_()
+    b = torch.randn(out_features, generator=g).requires_grad_() if bias else None
+    tensors = [t for t in (x, w, b) if t is not None]
+    got = _grads(lambda: onednn_linear.linear(x, w, b), tensors)
+    want = _grads(lambda: F.linear(x, w, b), tensors)
+    for a, c in zip(got, want):
+        assert a.shape == c.shape and a.is_contiguous()
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-5 * c.abs().max().item())
+    out = onednn_linear.linear(x, w, b)
+    assert "OneDnnLinear" in type(out.grad_fn).__name__
+    frozen = w.detach()  # no weight gradient wanted: only the input's
+    x.grad = None
+    onednn_linear.linear(x, frozen).sum().backward()
+    assert torch.allclose(x.grad, frozen.sum(0).expand_as(x), atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(onednn_linear.linear(x, w, b), want[0], atol=1e-5)
+
+
+@needs_onednn
+def test_what_stays_with_torch(routed):
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    assert onednn_linear.applies(x, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks its own kernels
+        out = onednn_linear.linear(x, w)
+        assert out.dtype == torch.bfloat16 and "OneDnn" not in type(out.grad_fn).__name__
+    assert not onednn_linear.applies(x.double(), w.double())
+    onednn_linear.route_fp32_linears(False)
+    assert "OneDnn" not in type(onednn_linear.linear(x, w).grad_fn).__name__
+
+
+@needs_onednn
+def test_a_model_trains_the_same_through_its_onednn_linears(routed):
+    want_model, model = tiny_llama(), tiny_llama()
+    names = list(model.state_dict())
+    changed = onednn_linear.use_onednn_linears(model)
+    # Every projection: 7 per layer and the output head.
+    assert changed == 7 * 2 + 1 and onednn_linear.use_onednn_linears(model) == 0
+    assert list(model.state_dict()) == names and type(model.lm_head) is torch.nn.Linear
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    for m in (want_model, model):
+        m(input_ids=ids, labels=ids).loss.backward()
+    up = model.model.layers[0].mlp.up_proj(torch.randn(2, 32, requires_grad=True))
+    assert "OneDnn" in type(up.grad_fn).__name__
+    for (name, a), b in zip(want_model.named_parameters(), model.parameters()):
+        assert torch.allclose(b.grad, a.grad, rtol=1e-4, atol=1e-6), name
+    twin = copy.deepcopy(model)  # the patched forward follows the copy, not the original
+    assert twin.lm_head.forward.__self__ is twin.lm_head
+
+
+def _write_rates(cache_dir, rates: dict) -> None:
+    path = flops_module._probe_cache_path(torch.float32, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"peak_flops": max(rates.values()), "rates": rates}))
+
+
+@needs_onednn
+def test_the_route_follows_the_measured_rates(tmp_path, monkeypatch):
+    monkeypatch.delenv(flops_module.PEAK_ENV, raising=False)
+    from ptft.engine.distributed import World
+
+    world, cpu = World(), torch.device("cpu")
+    before = onednn_linear.routed()
+    try:
+        _write_rates(tmp_path, {"torch": 2e11, "onednn": 4.6e11})  # AMD Zen 5: MKL runs AVX2
+        assert onednn_outruns_torch(tmp_path)
+        assert flops_module.device_peak_flops(cpu, None, tmp_path) == 4.6e11
+        model = tiny_llama()
+        assert _route_fp32_linears(model, cpu, None, False, world, tmp_path)
+        assert onednn_linear.routed() and "forward" in vars(model.lm_head)
+        # bf16 autocast and compiled models keep torch's matmuls
+        assert not _route_fp32_linears(tiny_llama(), cpu, torch.bfloat16, False, world, tmp_path)
+        assert not _route_fp32_linears(tiny_llama(), cpu, None, True, world, tmp_path)
+        _write_rates(tmp_path, {"torch": 2e11, "onednn": 2.1e11})  # level (Intel): no route
+        model = tiny_llama()
+        assert not _route_fp32_linears(model, cpu, None, False, world, tmp_path)
+        assert not onednn_linear.routed() and "forward" not in vars(model.lm_head)
+    finally:
+        onednn_linear.route_fp32_linears(before)
+
+
+def test_the_probe_measures_each_route_and_caches_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(flops_module, "_cpus_busy", lambda: False)
+    rates = cpu_matmul_rates(torch.float32, tmp_path)
+    assert rates["torch"] > 1e8
+    assert ("onednn" in rates) == onednn_linear.available()
+    (cached,) = (tmp_path / "peak-flops").glob("cpu-*.json")
+    record = json.loads(cached.read_text())
+    assert record["rates"] == rates and record["peak_flops"] == max(rates.values())
+    assert "onednn" not in cpu_matmul_rates(torch.bfloat16, tmp_path)  # bf16: torch's own
+
+
+def test_an_fp32_run_reports_the_route_it_took(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = run_ptft("pretrain", *TINY, "train.precision=fp32", "train.max_steps=6",
+                      f"run.dir={run_dir}", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # The same decision the probe's cached rates give (the run measured or read them).
+    assert summary["onednn_linears"] == onednn_outruns_torch(cache_dir)
+    assert summary["precision"] == "fp32"
+    losses = [loss for (kind, _), loss in rows(run_dir).items() if kind == "train"]
+    assert losses and all(math.isfinite(loss) for loss in losses)
