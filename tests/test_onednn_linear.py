@@ -71,6 +71,7 @@ def test_what_stays_with_torch(routed):
         out = onednn_linear.linear(x, w)
         assert out.dtype == torch.bfloat16 and "OneDnn" not in type(out.grad_fn).__name__
     assert not onednn_linear.applies(x.double(), w.double())
+    assert not onednn_linear.applies(torch.empty(0, 8), w)  # nothing to multiply
     onednn_linear.route_fp32_linears(False)
     assert "OneDnn" not in type(onednn_linear.linear(x, w).grad_fn).__name__
 

@@ -51,11 +51,11 @@ def routed() -> bool:
 
 def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether a matmul over `tensors` (None: an absent bias) takes the oneDNN route: route on,
-    autocast off (it picks its own dtype and kernels), all plain fp32 CPU tensors."""
+    autocast off (it picks its own dtype and kernels), all plain, non-empty fp32 CPU tensors."""
     if not _ROUTE["on"] or torch.is_autocast_enabled("cpu"):
         return False
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32
-                             and t.layout == torch.strided) for t in tensors)
+                             and t.layout == torch.strided and t.numel() > 0) for t in tensors)
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
