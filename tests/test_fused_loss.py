@@ -49,6 +49,7 @@ def _loss_and_grads(compute, tensors, dtype):
 def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, device,
                                                                 monkeypatch, matmul_route):
     monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, device, 4 * V * 7)  # chunks of 7 rows
+    monkeypatch.setattr(fused_loss, "ONEDNN_ROWS_PER_HIDDEN", 0)  # on either route
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 is fp32
     hidden, weight, b, labels = _inputs(bias, device)
     tensors = [t for t in (hidden, weight, b) if t is not None]
@@ -63,6 +64,16 @@ def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, dev
         assert torch.allclose(a, c, rtol=tolerance, atol=tolerance * c.abs().max().item())
     # Ignored rows get no gradient at all.
     assert got[1][[3, 10]].abs().max() == 0
+
+
+def test_chunks_on_the_onednn_route_hold_enough_rows_for_the_weight_gradient():
+    cpu = torch.device("cpu")
+    assert fused_loss.chunk_rows(cpu, 8192) == 256  # 8 MiB of logits
+    assert fused_loss.chunk_rows(cpu, 8192, onednn_hidden=128) == 256  # llama-tiny: as is
+    assert fused_loss.chunk_rows(cpu, 16384) == 128
+    assert fused_loss.chunk_rows(cpu, 16384, onednn_hidden=512) == 1024  # llama-small: 2 x 512
+    # a large vocabulary is capped at 64 MiB of logits
+    assert fused_loss.chunk_rows(cpu, 128256, onednn_hidden=2048) == 2**26 // (4 * 128256)
 
 
 def test_fused_loss_without_gradients_and_with_a_frozen_weight():

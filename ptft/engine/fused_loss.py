@@ -30,6 +30,14 @@ from ptft.engine import onednn_linear
 # larger chunk); on GPUs 256 MiB keeps the matmuls large enough to be efficient.
 CHUNK_LOGIT_BYTES = {"cpu": 2**23}
 CHUNK_LOGIT_BYTES_DEFAULT = 2**28
+# On the oneDNN route (ptft/engine/onednn_linear.py) each chunk's weight gradient is a fresh
+# (hidden x vocab) product added into the sum: a chunk of fewer than ~2 x hidden rows moves
+# more bytes for that product than for its logits. So chunks there hold at least this many
+# rows per hidden unit, up to CHUNK_LOGIT_BYTES_MAX of logits. llama-small's loss alone
+# (2,048 x 512 hidden, 16,384 vocab): 128-row chunks 474 ms, 1,024-row chunks 296 ms; llama-tiny's
+# (128 hidden) stays at 256 rows, where it was fastest.
+ONEDNN_ROWS_PER_HIDDEN = 2
+CHUNK_LOGIT_BYTES_MAX = 2**26
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -37,7 +45,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """sum over rows of cross_entropy(hidden @ weight.T + bias, labels), ignoring -100 labels,
     as an fp32 scalar. hidden: (N, H); weight: (V, H); labels: (N,). `all_targets`: the caller
     knows no label is -100 (saves a pass over each chunk)."""
-    rows = chunk_rows(hidden.device, weight.shape[0])
+    rows = chunk_rows(hidden.device, weight.shape[0],
+                      weight.shape[1] if onednn_linear.applies(hidden, weight, bias) else 0)
     dtype = _compute_dtype(hidden.device, weight.dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -47,9 +56,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, rows, dtype, all_targets)
 
 
-def chunk_rows(device: torch.device, vocab_size: int) -> int:
+def chunk_rows(device: torch.device, vocab_size: int, onednn_hidden: int = 0) -> int:
+    """Rows of hidden states per chunk; `onednn_hidden`: the hidden size when the chunk's
+    matmuls take the oneDNN route (0 otherwise)."""
     chunk_bytes = CHUNK_LOGIT_BYTES.get(device.type, CHUNK_LOGIT_BYTES_DEFAULT)
-    return max(1, chunk_bytes // (4 * vocab_size))
+    rows = chunk_bytes // (4 * vocab_size)
+    if onednn_hidden:
+        rows = min(max(rows, ONEDNN_ROWS_PER_HIDDEN * onednn_hidden),
+                   CHUNK_LOGIT_BYTES_MAX // (4 * vocab_size))
+    return max(1, rows)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -75,7 +90,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grad_h, grad_w, grad_b = (next(saved) if present else None for present in ctx.present)
         grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        grad_w = (grad_w * grad_loss).to(ctx.dtypes[0]) if grad_w is not None else None
+        if grad_w is not None:  # contiguous, in the weight's dtype, in one pass over the sum
+            grad_w = torch.mul(grad_w, grad_loss, out=torch.empty(
+                grad_w.shape, dtype=ctx.dtypes[0], device=grad_w.device))
         grad_b = (grad_b * grad_loss).to(ctx.dtypes[1]) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None
 
@@ -136,7 +153,8 @@ class _WeightGradSum:
     """The output projection's fp32 weight gradient, G^T h summed over the chunks."""
 
     def __init__(self, weight: torch.Tensor):
-        self.sum = torch.zeros_like(weight, dtype=torch.float32)
+        self.like = weight
+        self.sum: torch.Tensor | None = None
         # oneDNN computes a (vocab x hidden) G^T h fastest as (h^T G)^T (onednn_linear's
         # weight_grad): that sum is kept as (hidden x vocab) and transposed once at the end.
         self.transposed: torch.Tensor | None = None
@@ -148,7 +166,10 @@ class _WeightGradSum:
                 self.transposed = product
             else:
                 self.transposed += product
-        elif onednn_linear.applies(g, h):
+            return
+        if self.sum is None:
+            self.sum = torch.zeros_like(self.like, dtype=torch.float32)
+        if onednn_linear.applies(g, h):
             self.sum += onednn_linear.weight_grad(g, h)
         elif g.dtype == torch.float32:
             self.sum.addmm_(g.t(), h)
@@ -156,9 +177,12 @@ class _WeightGradSum:
             self.sum += g.t() @ h
 
     def total(self) -> torch.Tensor:
-        if self.transposed is not None:
-            self.sum += self.transposed.t()
-        return self.sum
+        if self.transposed is None:
+            return self.sum if self.sum is not None else torch.zeros_like(
+                self.like, dtype=torch.float32)
+        if self.sum is None:
+            return self.transposed.t()  # backward's scaling writes it contiguous
+        return self.sum.add_(self.transposed.t())
 
 
 def _softmax_and_nll(logits: torch.Tensor, target: torch.Tensor, logits_of):
