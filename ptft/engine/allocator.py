@@ -7,9 +7,10 @@ fault for every 4 KiB it touches again. That cost shows up as slow matmuls into 
 (measured here: a 4096 x 8192 fp32 product at 114 GFLOP/s into a new tensor, 193 into a reused
 one) and as about 6% of a llama-tiny pre-training step. PyTorch's CPU performance guides fix it
 by preloading jemalloc or tcmalloc; ptft does the same with glibc's own knobs, set at run time
-through mallopt(3): blocks up to 32 MiB (the most glibc allows) come from the heap, and the heap
-is trimmed only when 1 GiB is free at its top. Peak memory is unchanged: freed blocks are
-reused, not added to.
+through mallopt(3): every block comes from the heap (mmap is used for none: the threshold for
+it tops out at 32 MiB, and llama-small's loss works on 64 MiB chunks of logits, whose page
+faults cost 20 ms of a 1.2 s step), and the heap is trimmed only when 1 GiB is free at its top.
+Peak memory is unchanged: freed blocks are reused, not added to.
 
 Left alone when the user has chosen: MALLOC_*_ environment variables, GLIBC_TUNABLES, or an
 allocator in LD_PRELOAD. A no-op where the C library is not glibc (macOS, musl).
@@ -23,10 +24,11 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 MMAP_THRESHOLD = 32 * 2**20  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit systems
 TRIM_THRESHOLD = 2**30
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                 "GLIBC_TUNABLES")
+                 "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
 
 
 def keep_freed_memory() -> bool:
@@ -42,5 +44,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # The threshold too, in case mmap is allowed again: blocks up to 32 MiB stay in the heap.
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
-        bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(M_MMAP_MAX, 0))
