@@ -95,6 +95,30 @@ def test_a_model_trains_the_same_through_its_onednn_linears(routed):
     assert twin.lm_head.forward.__self__ is twin.lm_head
 
 
+@needs_onednn
+def test_gpt2_conv1d_layers_take_the_route_too(routed):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=2,
+                                          n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                                          attn_pdrop=0.0))
+    want_model, model = gpt2(), gpt2()
+    # Per block: c_attn, attention c_proj, c_fc, MLP c_proj (Conv1D); and lm_head (nn.Linear).
+    assert onednn_linear.use_onednn_linears(model) == 4 * 2 + 1
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    want_loss = want_model(input_ids=ids, labels=ids).loss
+    loss = model(input_ids=ids, labels=ids).loss
+    want_loss.backward()
+    loss.backward()
+    assert torch.allclose(loss, want_loss, rtol=1e-5)
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert "OneDnn" in type(c_fc(torch.randn(3, 32, requires_grad=True)).grad_fn).__name__
+    for (name, a), b in zip(want_model.named_parameters(), model.parameters()):
+        assert torch.allclose(b.grad, a.grad, rtol=1e-4, atol=1e-6), name
+
+
 def _write_rates(cache_dir, rates: dict) -> None:
     path = flops_module._probe_cache_path(torch.float32, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,13 +113,24 @@ def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's Conv1D: x @ W + b with W stored (in, out)."""
+    return linear(x, self.weight.t(), self.bias)
+
+
 def use_onednn_linears(model: torch.nn.Module) -> int:
-    """Give every plain nn.Linear of `model` a forward through `linear` (an instance
-    attribute: the class, names and state dict stay as they are; subclasses such as peft's
-    LoRA layers keep their own forward). Returns how many layers it changed."""
+    """Give every plain nn.Linear (and GPT-2 Conv1D) of `model` a forward through `linear`
+    (an instance attribute: the class, names and state dict stay as they are; subclasses such
+    as peft's LoRA layers keep their own forward). Returns how many layers it changed."""
     changed = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear and "forward" not in vars(module):
+        if "forward" in vars(module):
+            continue
+        if type(module) is torch.nn.Linear:
             module.forward = types.MethodType(_linear_forward, module)
-            changed += 1
+        elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+            module.forward = types.MethodType(_conv1d_forward, module)
+        else:
+            continue
+        changed += 1
     return changed
