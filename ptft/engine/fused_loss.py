@@ -34,8 +34,8 @@ CHUNK_LOGIT_BYTES_DEFAULT = 2**28
 # (hidden x vocab) product added into the sum: a chunk of fewer than ~2 x hidden rows moves
 # more bytes for that product than for its logits. So chunks there hold at least this many
 # rows per hidden unit, up to CHUNK_LOGIT_BYTES_MAX of logits. llama-small's loss alone
-# (2,048 x 512 hidden, 16,384 vocab): 128-row chunks 474 ms, 1,024-row chunks 296 ms; llama-tiny's
-# (128 hidden) stays at 256 rows, where it was fastest.
+# (2,048 x 512 hidden, 16,384 vocab): 128-row chunks 474 ms, 1,024-row chunks 296-322 ms;
+# llama-tiny's (128 hidden) stays at 256 rows, where it was fastest.
 ONEDNN_ROWS_PER_HIDDEN = 2
 CHUNK_LOGIT_BYTES_MAX = 2**26
 

@@ -18,9 +18,11 @@ the probe's peak is then oneDNN's rate, so MFU stays a fraction of what the mach
 
 The entry point is torch's own oneDNN linear op (mkldnn::_linear_pointwise, what inductor
 calls for CPU linears), which has no backward: `linear` wraps it in an autograd function whose
-input and weight gradients are the same op on transposed views (oneDNN reads the strides, so
-nothing is copied). Anything else (autocast on, another dtype or device, a torch without the op,
-the route switched off) goes to F.linear as before.
+input and weight gradients are the same op on transposed views (the op reads its input through
+any strides; a transposed weight operand it copies, once per call). `use_onednn_linears` sends
+a model's nn.Linear and GPT-2 Conv1D layers through it; the fused loss and LoRA's merged-weight
+layer call `matmul_nt` and `weight_grad` themselves. Anything else (autocast on, another dtype
+or device, a torch without the op, the route switched off) goes to F.linear as before.
 """
 
 from __future__ import annotations
