@@ -158,32 +158,34 @@ def test_malloc_setting_applies_unless_the_user_chose_one():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_a_large_block_comes_from_the_heap_not_a_fresh_mapping():
+def test_large_blocks_come_from_the_heap_during_training_steps_only():
     # 64 MiB, above the 32 MiB that glibc's mmap threshold can reach (llama-small's loss
     # chunks): a fresh mapping is page-faulted in again each time it is allocated.
     code = """if True:
-        import ctypes, sys, torch
-        from ptft.engine.allocator import keep_freed_memory
-        if sys.argv[1] == "keep":
-            assert keep_freed_memory()
+        import ctypes, torch
+        from ptft.engine.allocator import keep_freed_memory, training_step_allocations
         class MallInfo2(ctypes.Structure):
             _fields_ = [(name, ctypes.c_size_t) for name in (
                 "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                 "uordblks", "fordblks", "keepcost")]
         mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
         mallinfo2.restype = MallInfo2
-        block = torch.ones(2**24)
-        print(mallinfo2().hblkhd)  # bytes in mmap()ed blocks
+        def mapped_bytes_with_a_large_block():
+            block = torch.ones(2**24)
+            return mallinfo2().hblkhd  # bytes in mmap()ed blocks
+        assert keep_freed_memory()
+        outside = mapped_bytes_with_a_large_block()
+        training_step_allocations(True)
+        inside = mapped_bytes_with_a_large_block()
+        training_step_allocations(False)
+        print(outside, inside, mapped_bytes_with_a_large_block())
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("GLIBC_TUNABLES", None)
-    mapped = {}
-    for mode in ("keep", "default"):
-        out = subprocess.run([sys.executable, "-c", code, mode], env=env, capture_output=True,
-                             text=True)
-        if "mallinfo2" in out.stderr:
-            pytest.skip("glibc older than 2.33 (no mallinfo2)")
-        assert out.returncode == 0, out.stderr
-        mapped[mode] = int(out.stdout)
-    assert mapped["default"] >= 2**26  # glibc's own choice: a mapping of its own
-    assert mapped["keep"] < 2**26
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if "mallinfo2" in out.stderr:
+        pytest.skip("glibc older than 2.33 (no mallinfo2)")
+    assert out.returncode == 0, out.stderr
+    outside, inside, after = map(int, out.stdout.split())
+    assert outside >= 2**26 and after >= 2**26  # one-off buffers: mapped, unmapped when freed
+    assert inside < 2**26  # within a step: from the kept heap

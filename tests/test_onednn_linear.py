@@ -29,6 +29,14 @@ def routed():
     onednn_linear.route_fp32_linears(before)
 
 
+def _made_by(t: torch.Tensor) -> str:
+    """The autograd node that made `t`, looking through the reshape of a >2-D input."""
+    node = t.grad_fn
+    if type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
 def _grads(fn, tensors):
     for t in tensors:
         t.grad = None
@@ -53,7 +61,7 @@ def test_same_output_and_gradients_as_f_linear(out_features, in_features, bias, 
         assert a.shape == c.shape and a.is_contiguous()
         assert torch.allclose(a, c, rtol=1e-5, atol=1e-5 * c.abs().max().item())
     out = onednn_linear.linear(x, w, b)
-    assert "OneDnnLinear" in type(out.grad_fn).__name__
+    assert "OneDnnLinear" in _made_by(out)
     frozen = w.detach()  # no weight gradient wanted: only the input's
     x.grad = None
     onednn_linear.linear(x, frozen).sum().backward()
@@ -77,7 +85,7 @@ def test_what_stays_with_torch(routed):
 
 
 @needs_onednn
-def test_a_model_trains_the_same_through_its_onednn_linears(routed):
+def test_a_model_trains_the_same_through_its_onednn_linears(routed, tmp_path):
     want_model, model = tiny_llama(), tiny_llama()
     names = list(model.state_dict())
     changed = onednn_linear.use_onednn_linears(model)
@@ -92,7 +100,46 @@ def test_a_model_trains_the_same_through_its_onednn_linears(routed):
     for (name, a), b in zip(want_model.named_parameters(), model.parameters()):
         assert torch.allclose(b.grad, a.grad, rtol=1e-4, atol=1e-6), name
     twin = copy.deepcopy(model)  # the patched forward follows the copy, not the original
-    assert twin.lm_head.forward.__self__ is twin.lm_head
+    assert twin.lm_head.forward.module is twin.lm_head
+    path = tmp_path / "model.pt"  # and the whole module pickles with it
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert loaded.lm_head.forward.module is loaded.lm_head
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@needs_onednn
+def test_outputs_can_be_changed_in_place_and_frozen_inputs_are_not_kept(routed):
+    # peft's LoRA layer adds its update into the base layer's output in place (with dropout)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    out = onednn_linear.linear(x, w)
+    out.add_(1.0).sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand_as(x), atol=1e-5)
+    frozen = onednn_linear.linear(x[0], w.detach())  # a frozen base: its input is not needed
+    assert "OneDnnLinear" in _made_by(frozen) and frozen.grad_fn.saved_tensors[0] is None
+    with pytest.raises(RuntimeError, match="(?i)twice|once_differentiable|double"):
+        grad_x, = torch.autograd.grad(onednn_linear.linear(x, w).pow(2).sum(), x,
+                                      create_graph=True)
+        grad_x.sum().backward()  # no silent second-order gradient: oneDNN's op has none
+
+
+@needs_onednn
+def test_lora_with_dropout_trains_through_the_route(routed):
+    from peft import LoraConfig, get_peft_model
+
+    from ptft.methods.lora_linear import use_fast_lora
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                        target_modules=["q_proj", "v_proj", "up_proj"])
+    use_fast_lora(config)
+    model = get_peft_model(tiny_llama(), config)
+    assert onednn_linear.use_onednn_linears(model) > 0  # the frozen base layers
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    model(input_ids=ids, labels=ids).loss.backward()  # the update is added in place
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 @needs_onednn
@@ -128,24 +175,29 @@ def _write_rates(cache_dir, rates: dict) -> None:
 @needs_onednn
 def test_the_route_follows_the_measured_rates(tmp_path, monkeypatch):
     monkeypatch.delenv(flops_module.PEAK_ENV, raising=False)
-    from ptft.engine.distributed import World
-
-    world, cpu = World(), torch.device("cpu")
+    cpu = torch.device("cpu")
     before = onednn_linear.routed()
     try:
         _write_rates(tmp_path, {"torch": 2e11, "onednn": 4.6e11})  # AMD Zen 5: MKL runs AVX2
-        assert onednn_outruns_torch(tmp_path)
+        rates = cpu_matmul_rates(torch.float32, tmp_path)  # read from the cache, not measured
+        assert rates == {"torch": 2e11, "onednn": 4.6e11} and onednn_outruns_torch(rates)
         assert flops_module.device_peak_flops(cpu, None, tmp_path) == 4.6e11
         model = tiny_llama()
-        assert _route_fp32_linears(model, cpu, None, False, world, tmp_path)
+        assert _route_fp32_linears(model, rates, compiled=False)
         assert onednn_linear.routed() and "forward" in vars(model.lm_head)
-        # bf16 autocast and compiled models keep torch's matmuls
-        assert not _route_fp32_linears(tiny_llama(), cpu, torch.bfloat16, False, world, tmp_path)
-        assert not _route_fp32_linears(tiny_llama(), cpu, None, True, world, tmp_path)
-        _write_rates(tmp_path, {"torch": 2e11, "onednn": 2.1e11})  # level (Intel): no route
+        # runs under autocast (no fp32 rates) and compiled models keep torch's matmuls
+        assert not _route_fp32_linears(tiny_llama(), None, compiled=False)
+        assert not _route_fp32_linears(tiny_llama(), rates, compiled=True)
+        level = {"torch": 2e11, "onednn": 2.1e11}  # Intel: MKL runs AVX-512 itself
         model = tiny_llama()
-        assert not _route_fp32_linears(model, cpu, None, False, world, tmp_path)
+        assert not _route_fp32_linears(model, level, compiled=False)
         assert not onednn_linear.routed() and "forward" not in vars(model.lm_head)
+        (tmp_path / "peak-flops").rename(tmp_path / "broken")  # a cache without rates
+        _write_rates(tmp_path, {"torch": 2e11})
+        path = flops_module._probe_cache_path(torch.float32, tmp_path)
+        path.write_text(json.dumps({"peak_flops": 1.0, "rates": {}}))
+        monkeypatch.setattr(flops_module, "_cpus_busy", lambda: True)  # measure, keep nothing
+        assert cpu_matmul_rates(torch.float32, tmp_path)["torch"] > 1e8  # measured again
     finally:
         onednn_linear.route_fp32_linears(before)
 
@@ -168,7 +220,8 @@ def test_an_fp32_run_reports_the_route_it_took(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     # The same decision the probe's cached rates give (the run measured or read them).
-    assert summary["onednn_linears"] == onednn_outruns_torch(cache_dir)
+    assert summary["onednn_linears"] == onednn_outruns_torch(
+        cpu_matmul_rates(torch.float32, cache_dir))
     assert summary["precision"] == "fp32"
     losses = [loss for (kind, _), loss in rows(run_dir).items() if kind == "train"]
     assert losses and all(math.isfinite(loss) for loss in losses)

@@ -24,13 +24,14 @@ from rich.table import Table
 from ptft.config.schema import OnNonFinite, RootConfig
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
-from ptft.engine.allocator import keep_freed_memory
+from ptft.engine import onednn_linear
+from ptft.engine.allocator import keep_freed_memory, training_step_allocations
 from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_model_state,
                                     save_checkpoint)
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
-from ptft.engine.flops import (TrainingMeter, device_peak_flops, onednn_outruns_torch,
-                               training_flops)
+from ptft.engine.flops import (TrainingMeter, cpu_matmul_rates, device_peak_flops,
+                               onednn_outruns_torch, training_flops)
 from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers, jsonable
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
@@ -49,6 +50,7 @@ from ptft.models import build_model, check_model_path, count_parameters, load_mo
 def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     """Run one training job described by `cfg`; returns the summary (also in summary.json)."""
     world = init_world(cfg.train.device.value)
+    route_before = onednn_linear.routed()  # a process-wide switch this run may turn on
     try:
         summary = _execute(cfg, world, console or Console(quiet=not world.is_main))
     except (UsageError, Preempted, TrainingFailed):
@@ -57,6 +59,9 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     except BaseException:
         world.close(together=False)  # maybe this rank's failure alone: no barrier to hang on
         raise
+    finally:
+        onednn_linear.route_fp32_linears(route_before)
+        training_step_allocations(False)  # a step that raised left it on
     world.close()
     return summary
 
@@ -109,8 +114,11 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         check_sliding_window(model, getattr(data.train, "packing", False), t.seq_len)
         # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
         packed_attention = not t.compile and use_packed_attention(model, device)
-        onednn = _route_fp32_linears(model, device, amp_dtype, t.compile, world,
-                                     cfg.data.cache_dir)
+        # fp32 on a CPU: the matmul probe (< 2 s per route, then cached) picks the library for
+        # the projections and gives MFU's peak; rank 0 measures, every rank follows.
+        fp32_cpu_rates = world.on_main(lambda: cpu_matmul_rates(None, cfg.data.cache_dir)) \
+            if device.type == "cpu" and amp_dtype is None else None
+        onednn = _route_fp32_linears(model, fp32_cpu_rates, t.compile)
         total_params, trainable_params = count_parameters(model)
         _activation_checkpointing(model, t.activation_checkpointing)
         flops = training_flops(model, t.seq_len)
@@ -120,8 +128,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         chunked_loss = _chunked_loss(t.chunked_loss, model, data.task)
         optimizer = build_optimizer(model, t, device)
         # The device's peak FLOP/s for MFU (on a CPU measured once, < 2 s, then cached).
-        peak = device_peak_flops(device, amp_dtype, cfg.data.cache_dir) if world.is_main \
-            else None
+        peak = device_peak_flops(device, amp_dtype, cfg.data.cache_dir, fp32_cpu_rates) \
+            if world.is_main else None
     except BaseException:
         if new_dir:  # nothing of this run is worth keeping: leave no half-made directory
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -198,6 +206,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
             saved_at = None  # the step of this process's latest checkpoint
             for step in range(state["step"], total_steps):
                 meter.begin_step()
+                training_step_allocations(True)
                 lr = lr_at(step, t, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -226,6 +235,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                     state["interval"]["targets"] += step_targets
                     state["interval"]["grad_norm"] = norm  # the last step that was applied
                 meter.end_step(micro_batches, step_targets)
+                training_step_allocations(False)
                 state["tokens_seen"] += step_targets
                 state["step"] = done
                 progress.step(done)
@@ -402,16 +412,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _route_fp32_linears(model, device, amp_dtype, compiled: bool, world, cache_dir) -> bool:
+def _route_fp32_linears(model, fp32_cpu_rates: dict | None, compiled: bool) -> bool:
     """fp32 CPU training sends its projections (and the fused loss's matmuls) through oneDNN
     where the CPU matmul probe measured it faster than torch.mm's MKL: about 2x on AMD CPUs
-    with full-width AVX-512 (ptft/engine/onednn_linear.py). Under autocast torch already uses
-    oneDNN; a compiled model is left to the compiler. Rank 0 decides (the probe is cached)."""
-    from ptft.engine import onednn_linear
-
-    on = (device.type == "cpu" and amp_dtype is None and not compiled
-          and onednn_linear.available() and bool(world.on_main(
-              lambda: onednn_outruns_torch(cache_dir))))
+    with full-width AVX-512 (ptft/engine/onednn_linear.py). `fp32_cpu_rates`: the probe's
+    rates, None for other runs (under autocast torch already uses oneDNN). A compiled model is
+    left to the compiler."""
+    on = bool(fp32_cpu_rates) and not compiled and onednn_linear.available() \
+        and onednn_outruns_torch(fp32_cpu_rates)
     onednn_linear.route_fp32_linears(on)
     if on:
         onednn_linear.use_onednn_linears(model)

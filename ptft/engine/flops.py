@@ -166,10 +166,12 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 # ---- device peak -----------------------------------------------------------------------
 
 def device_peak_flops(device: torch.device | str, dtype: torch.dtype | None = None,
-                      cache_dir: str | Path | None = None) -> float | None:
+                      cache_dir: str | Path | None = None,
+                      cpu_rates: dict[str, float] | None = None) -> float | None:
     """Peak dense matmul FLOP/s of `device` at `dtype` (None: fp32). CUDA: the data-sheet table
     (None for an unknown GPU); CPU: the fastest route of `cpu_matmul_rates` (measured once,
-    cached). PTFT_PEAK_FLOPS in the environment overrides both."""
+    cached; `cpu_rates`: those rates, already read). PTFT_PEAK_FLOPS in the environment
+    overrides both."""
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV])
     device = torch.device(device)
@@ -178,7 +180,7 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype | None = No
         return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
     if device.type != "cpu":
         return None
-    return max(cpu_matmul_rates(dtype, cache_dir).values())
+    return max((cpu_rates or cpu_matmul_rates(dtype, cache_dir)).values())
 
 
 def cpu_matmul_rates(dtype: torch.dtype | None = None,
@@ -189,8 +191,10 @@ def cpu_matmul_rates(dtype: torch.dtype | None = None,
     dtype = dtype or torch.float32
     path = _probe_cache_path(dtype, cache_dir)
     try:
-        return {k: float(v) for k, v in json.loads(path.read_text())["rates"].items()}
-    except (OSError, ValueError, KeyError, AttributeError):
+        rates = {k: float(v) for k, v in json.loads(path.read_text())["rates"].items()}
+        if rates.get("torch", 0) > 0:
+            return rates
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         pass
     rates = cpu_matmul_probe_rates(dtype)
     if _cpus_busy():  # other work took cores from the probe: it read low; measure next time
@@ -203,10 +207,10 @@ def cpu_matmul_rates(dtype: torch.dtype | None = None,
     return rates
 
 
-def onednn_outruns_torch(cache_dir: str | Path | None = None, margin: float = 1.1) -> bool:
-    """Whether fp32 projections on this CPU should take the oneDNN route: it measured at least
-    `margin` times torch.mm's rate (AMD CPUs with full-width AVX-512, where MKL runs AVX2)."""
-    rates = cpu_matmul_rates(torch.float32, cache_dir)
+def onednn_outruns_torch(rates: dict[str, float], margin: float = 1.1) -> bool:
+    """Whether fp32 projections on this CPU should take the oneDNN route, from its fp32
+    `cpu_matmul_rates`: oneDNN measured at least `margin` times torch.mm's rate (AMD CPUs with
+    full-width AVX-512, where MKL runs AVX2)."""
     return rates.get("onednn", 0.0) >= margin * rates["torch"]
 
 

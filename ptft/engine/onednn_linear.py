@@ -27,10 +27,9 @@ or device, a torch without the op, the route switched off) goes to F.linear as b
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _ROUTE = {"on": False}
 
@@ -81,23 +80,28 @@ def weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
 
 
 class _OneDnnLinear(torch.autograd.Function):
+    """x @ W^T + b for a 2-D x. (The caller reshapes: an output that is a view made inside a
+    custom function cannot be changed in place, and peft adds LoRA's update in place.)"""
+
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # Only what backward reads: a frozen weight needs no input, a frozen input no weight.
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return matmul_nt(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # oneDNN's op has no derivative: a second order must fail, not lie
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = matmul_nt(grad_out, weight.t())
-        grads = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(grads, x.reshape(-1, x.shape[-1])).contiguous()
+            grad_w = weight_grad(grad_out, x).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grads.sum(0)
+            grad_b = grad_out.sum(0)
         return grad_x, grad_w, grad_b
 
 
@@ -107,17 +111,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _OneDnnLinear.apply(x, weight, bias)
+        if x.dim() == 2:
+            return _OneDnnLinear.apply(x, weight, bias)
+        out = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
     return matmul_nt(x, weight, bias)
 
 
-def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, self.weight, self.bias)
+class _RoutedForward:
+    """The forward `use_onednn_linears` gives a layer: a callable object rather than a bound
+    function, so that a model pickles (torch.save of the whole module) and deep-copies with it."""
 
+    def __init__(self, module: torch.nn.Module, stored_transposed: bool):
+        self.module, self.stored_transposed = module, stored_transposed
 
-def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's Conv1D: x @ W + b with W stored (in, out)."""
-    return linear(x, self.weight.t(), self.bias)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.module.weight
+        # GPT-2's Conv1D stores its weight (in, out) and computes x @ W + b
+        return linear(x, weight.t() if self.stored_transposed else weight, self.module.bias)
 
 
 def use_onednn_linears(model: torch.nn.Module) -> int:
@@ -129,9 +140,9 @@ def use_onednn_linears(model: torch.nn.Module) -> int:
         if "forward" in vars(module):
             continue
         if type(module) is torch.nn.Linear:
-            module.forward = types.MethodType(_linear_forward, module)
+            module.forward = _RoutedForward(module, stored_transposed=False)
         elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-            module.forward = types.MethodType(_conv1d_forward, module)
+            module.forward = _RoutedForward(module, stored_transposed=True)
         else:
             continue
         changed += 1

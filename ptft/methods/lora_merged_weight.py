@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ptft.engine import onednn_linear
 
@@ -39,7 +40,13 @@ def merged_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """F.linear(x, weight, bias) + scaling * x A^T B^T, differentiable in x, A and B (the
     base weight and bias are frozen)."""
-    return _MergedWeightLora.apply(x, weight, bias, lora_A, lora_B, scaling)
+    # 2-D inside the function, reshaped outside: an output that is a view made inside a custom
+    # function could not be changed in place afterwards.
+    if x.dim() == 2:
+        return _MergedWeightLora.apply(x, weight, bias, lora_A, lora_B, scaling)
+    out = _MergedWeightLora.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                                  scaling)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -61,6 +68,8 @@ def _merged(weight, lora_A, lora_B, scaling: float, dtype: torch.dtype) -> torch
 
 
 class _MergedWeightLora(torch.autograd.Function):
+    """The merged-weight projection of a 2-D x (tokens, in)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         dtype = _matmul_dtype(x)
@@ -75,14 +84,15 @@ class _MergedWeightLora(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # oneDNN's op has no derivative: a second order must fail, not lie
     def backward(ctx, grad_out):
         x, weight, lora_A, lora_B = ctx.saved_tensors
         scaling, dtype = ctx.scaling, ctx.dtype
         grad_x = grad_A = grad_B = None
         with _autocast_off(x.device.type):
             a, b = lora_A.to(dtype), lora_B.to(dtype)
-            grads = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
-            inputs = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, in)
+            grads = grad_out  # (tokens, out)
+            inputs = x.to(dtype)  # (tokens, in)
             grad_A, grad_B = _factor_grads(grads, inputs, a, b, *ctx.needs_input_grad[3:5])
             if grad_A is not None:
                 grad_A = grad_A.mul_(scaling).to(lora_A.dtype)
@@ -90,7 +100,7 @@ class _MergedWeightLora(torch.autograd.Function):
                 grad_B = grad_B.mul_(scaling).to(lora_B.dtype).contiguous()
             if ctx.needs_input_grad[0]:
                 merged = _merged(weight, lora_A, lora_B, scaling, dtype)
-                grad_x = onednn_linear.matmul_nt(grads, merged.t()).view(x.shape).to(x.dtype)
+                grad_x = onednn_linear.matmul_nt(grads, merged.t()).to(x.dtype)
         return grad_x, None, None, grad_A, grad_B, None
 
 
