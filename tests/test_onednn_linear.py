@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from conftest import TINY, rows, run_ptft, tiny_llama
 from ptft.engine import flops as flops_module
 from ptft.engine import onednn_linear
-from ptft.engine.executor import _route_fp32_linears
-from ptft.engine.flops import cpu_matmul_rates, onednn_outruns_torch
+from ptft.engine.flops import cpu_matmul_rates
+from ptft.engine.onednn_linear import onednn_outruns_torch, route_model
 
 needs_onednn = pytest.mark.skipif(not onednn_linear.available(),
                                   reason="this torch has no oneDNN linear op")
@@ -183,14 +183,14 @@ def test_the_route_follows_the_measured_rates(tmp_path, monkeypatch):
         assert rates == {"torch": 2e11, "onednn": 4.6e11} and onednn_outruns_torch(rates)
         assert flops_module.device_peak_flops(cpu, None, tmp_path) == 4.6e11
         model = tiny_llama()
-        assert _route_fp32_linears(model, rates, compiled=False)
+        assert route_model(model, rates, compiled=False)
         assert onednn_linear.routed() and "forward" in vars(model.lm_head)
         # runs under autocast (no fp32 rates) and compiled models keep torch's matmuls
-        assert not _route_fp32_linears(tiny_llama(), None, compiled=False)
-        assert not _route_fp32_linears(tiny_llama(), rates, compiled=True)
+        assert not route_model(tiny_llama(), None, compiled=False)
+        assert not route_model(tiny_llama(), rates, compiled=True)
         level = {"torch": 2e11, "onednn": 2.1e11}  # Intel: MKL runs AVX-512 itself
         model = tiny_llama()
-        assert not _route_fp32_linears(model, level, compiled=False)
+        assert not route_model(model, level, compiled=False)
         assert not onednn_linear.routed() and "forward" not in vars(model.lm_head)
         (tmp_path / "peak-flops").rename(tmp_path / "broken")  # a cache without rates
         _write_rates(tmp_path, {"torch": 2e11})

@@ -30,8 +30,7 @@ from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_
                                     save_checkpoint)
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
-from ptft.engine.flops import (TrainingMeter, cpu_matmul_rates, device_peak_flops,
-                               onednn_outruns_torch, training_flops)
+from ptft.engine.flops import TrainingMeter, cpu_matmul_rates, device_peak_flops, training_flops
 from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers, jsonable
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
@@ -118,7 +117,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         # the projections and gives MFU's peak; rank 0 measures, every rank follows.
         fp32_cpu_rates = world.on_main(lambda: cpu_matmul_rates(None, cfg.data.cache_dir)) \
             if device.type == "cpu" and amp_dtype is None else None
-        onednn = _route_fp32_linears(model, fp32_cpu_rates, t.compile)
+        onednn = onednn_linear.route_model(model, fp32_cpu_rates, t.compile)
         total_params, trainable_params = count_parameters(model)
         _activation_checkpointing(model, t.activation_checkpointing)
         flops = training_flops(model, t.seq_len)
@@ -410,20 +409,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _route_fp32_linears(model, fp32_cpu_rates: dict | None, compiled: bool) -> bool:
-    """fp32 CPU training sends its projections (and the fused loss's matmuls) through oneDNN
-    where the CPU matmul probe measured it faster than torch.mm's MKL: about 2x on AMD CPUs
-    with full-width AVX-512 (ptft/engine/onednn_linear.py). `fp32_cpu_rates`: the probe's
-    rates, None for other runs (under autocast torch already uses oneDNN). A compiled model is
-    left to the compiler."""
-    on = bool(fp32_cpu_rates) and not compiled and onednn_linear.available() \
-        and onednn_outruns_torch(fp32_cpu_rates)
-    onednn_linear.route_fp32_linears(on)
-    if on:
-        onednn_linear.use_onednn_linears(model)
-    return on
 
 
 def _chunked_loss(setting: bool | None, model, task: str) -> bool:

@@ -207,13 +207,6 @@ def cpu_matmul_rates(dtype: torch.dtype | None = None,
     return rates
 
 
-def onednn_outruns_torch(rates: dict[str, float], margin: float = 1.1) -> bool:
-    """Whether fp32 projections on this CPU should take the oneDNN route, from its fp32
-    `cpu_matmul_rates`: oneDNN measured at least `margin` times torch.mm's rate (AMD CPUs with
-    full-width AVX-512, where MKL runs AVX2)."""
-    return rates.get("onednn", 0.0) >= margin * rates["torch"]
-
-
 def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
     """The data-sheet peak of the GPU called `name` at `dtype`, or None if it is unknown."""
     lowered = name.lower()

@@ -50,6 +50,27 @@ def routed() -> bool:
     return _ROUTE["on"]
 
 
+def onednn_outruns_torch(rates: dict[str, float], margin: float = 1.1) -> bool:
+    """Whether fp32 projections on this CPU should take the oneDNN route, from its fp32
+    `cpu_matmul_rates`: oneDNN measured at least `margin` times torch.mm's rate (AMD CPUs with
+    full-width AVX-512, where MKL runs AVX2)."""
+    return rates.get("onednn", 0.0) >= margin * rates["torch"]
+
+
+def route_model(model: torch.nn.Module, fp32_cpu_rates: dict[str, float] | None,
+                compiled: bool) -> bool:
+    """Turn the route on for an fp32 CPU training run where the CPU matmul probe's rates
+    (`fp32_cpu_rates`; None for other runs: under autocast torch already uses oneDNN) favour
+    oneDNN, and send `model`'s projections through it; off otherwise. A compiled model is left
+    to the compiler. Returns whether the route is on."""
+    on = bool(fp32_cpu_rates) and not compiled and available() \
+        and onednn_outruns_torch(fp32_cpu_rates)
+    route_fp32_linears(on)
+    if on:
+        use_onednn_linears(model)
+    return on
+
+
 def applies(*tensors: torch.Tensor | None) -> bool:
     """Whether a matmul over `tensors` (None: an absent bias) takes the oneDNN route: route on,
     autocast off (it picks its own dtype and kernels), all plain, non-empty fp32 CPU tensors."""
