@@ -66,14 +66,20 @@ def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, dev
     assert got[1][[3, 10]].abs().max() == 0
 
 
-def test_chunks_on_the_onednn_route_hold_enough_rows_for_the_weight_gradient():
+def test_chunks_that_add_fresh_products_hold_enough_rows_for_the_weight_gradient(matmul_route):
     cpu = torch.device("cpu")
+    hidden, weight = torch.randn(4, 8), torch.randn(16, 8)
+    # MKL's fp32 addmm_ accumulates in place; oneDNN's fp32 product and any bf16 product are
+    # added into the fp32 sum afresh, so their chunks are made larger.
+    assert fused_loss.adds_fresh_products(hidden, weight, None, torch.float32) == \
+        bool(matmul_route)
+    assert fused_loss.adds_fresh_products(hidden, weight, None, torch.bfloat16)
     assert fused_loss.chunk_rows(cpu, 8192) == 256  # 8 MiB of logits
-    assert fused_loss.chunk_rows(cpu, 8192, onednn_hidden=128) == 256  # llama-tiny: as is
+    assert fused_loss.chunk_rows(cpu, 8192, fresh_product_hidden=128) == 256  # llama-tiny: as is
     assert fused_loss.chunk_rows(cpu, 16384) == 128
-    assert fused_loss.chunk_rows(cpu, 16384, onednn_hidden=512) == 1024  # llama-small: 2 x 512
+    assert fused_loss.chunk_rows(cpu, 16384, fresh_product_hidden=512) == 1024  # llama-small: 2 x 512
     # a large vocabulary is capped at 64 MiB of logits
-    assert fused_loss.chunk_rows(cpu, 128256, onednn_hidden=2048) == 2**26 // (4 * 128256)
+    assert fused_loss.chunk_rows(cpu, 128256, fresh_product_hidden=2048) == 2**26 // (4 * 128256)
 
 
 def test_fused_loss_without_gradients_and_with_a_frozen_weight():

@@ -30,12 +30,14 @@ from ptft.engine import onednn_linear
 # larger chunk); on GPUs 256 MiB keeps the matmuls large enough to be efficient.
 CHUNK_LOGIT_BYTES = {"cpu": 2**23}
 CHUNK_LOGIT_BYTES_DEFAULT = 2**28
-# On the oneDNN route (ptft/engine/onednn_linear.py) each chunk's weight gradient is a fresh
-# (hidden x vocab) product added into the sum: a chunk of fewer than ~2 x hidden rows moves
-# more bytes for that product than for its logits. So chunks there hold at least this many
-# rows per hidden unit, up to CHUNK_LOGIT_BYTES_MAX of logits. llama-small's loss alone
-# (2,048 x 512 hidden, 16,384 vocab): 128-row chunks 474 ms, 1,024-row chunks 296-322 ms;
-# llama-tiny's (128 hidden) stays at 256 rows, where it was fastest.
+# Where each chunk's weight gradient is a fresh (vocab x hidden) product added into the fp32
+# sum (the oneDNN route, ptft/engine/onednn_linear.py, and bf16/fp16 matmuls on a CPU, whose
+# product is cast up before the add) a chunk of fewer than ~2 x hidden rows moves more bytes
+# for that product than for its logits. So chunks there hold at least this many rows per
+# hidden unit, up to CHUNK_LOGIT_BYTES_MAX of logits. llama-small's loss alone (2,048 x 512
+# hidden, 16,384 vocab), oneDNN fp32: 128-row chunks 474 ms, 1,024-row chunks 296-322 ms; its
+# bf16 pre-training step: 807 -> 754 ms. llama-tiny's (128 hidden) stays at 256 rows, where it
+# was fastest. (MKL's fp32 addmm_ adds into the sum in place: 8 MiB chunks stay best there.)
 ONEDNN_ROWS_PER_HIDDEN = 2
 CHUNK_LOGIT_BYTES_MAX = 2**26
 
@@ -45,9 +47,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """sum over rows of cross_entropy(hidden @ weight.T + bias, labels), ignoring -100 labels,
     as an fp32 scalar. hidden: (N, H); weight: (V, H); labels: (N,). `all_targets`: the caller
     knows no label is -100 (saves a pass over each chunk)."""
-    rows = chunk_rows(hidden.device, weight.shape[0],
-                      weight.shape[1] if onednn_linear.applies(hidden, weight, bias) else 0)
     dtype = _compute_dtype(hidden.device, weight.dtype)
+    rows = chunk_rows(hidden.device, weight.shape[0],
+                      weight.shape[1] if adds_fresh_products(hidden, weight, bias, dtype) else 0)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
@@ -56,15 +58,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, rows, dtype, all_targets)
 
 
-def chunk_rows(device: torch.device, vocab_size: int, onednn_hidden: int = 0) -> int:
-    """Rows of hidden states per chunk; `onednn_hidden`: the hidden size when the chunk's
-    matmuls take the oneDNN route (0 otherwise)."""
+def chunk_rows(device: torch.device, vocab_size: int, fresh_product_hidden: int = 0) -> int:
+    """Rows of hidden states per chunk; `fresh_product_hidden`: the hidden size when each
+    chunk's weight gradient is a fresh product added into the sum (0 otherwise)."""
     chunk_bytes = CHUNK_LOGIT_BYTES.get(device.type, CHUNK_LOGIT_BYTES_DEFAULT)
     rows = chunk_bytes // (4 * vocab_size)
-    if onednn_hidden:
-        rows = min(max(rows, ONEDNN_ROWS_PER_HIDDEN * onednn_hidden),
+    if fresh_product_hidden:
+        rows = min(max(rows, ONEDNN_ROWS_PER_HIDDEN * fresh_product_hidden),
                    CHUNK_LOGIT_BYTES_MAX // (4 * vocab_size))
     return max(1, rows)
+
+
+def adds_fresh_products(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        dtype: torch.dtype) -> bool:
+    """Whether each chunk's weight gradient is a fresh product added into the fp32 sum (see
+    ONEDNN_ROWS_PER_HIDDEN) rather than accumulated in place by addmm_."""
+    return onednn_linear.applies(hidden, weight, bias) or (
+        hidden.device.type == "cpu" and dtype != torch.float32)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -158,6 +168,7 @@ class _WeightGradSum:
         # oneDNN computes a (vocab x hidden) G^T h fastest as (h^T G)^T (onednn_linear's
         # weight_grad): that sum is kept as (hidden x vocab) and transposed once at the end.
         self.transposed: torch.Tensor | None = None
+        self.scratch: torch.Tensor | None = None  # a low-precision product, cast to fp32
 
     def add(self, g: torch.Tensor, h: torch.Tensor) -> None:
         if onednn_linear.applies(g, h) and g.shape[1] > h.shape[1]:
@@ -167,14 +178,25 @@ class _WeightGradSum:
             else:
                 self.transposed += product
             return
-        if self.sum is None:
-            self.sum = torch.zeros_like(self.like, dtype=torch.float32)
         if onednn_linear.applies(g, h):
-            self.sum += onednn_linear.weight_grad(g, h)
-        elif g.dtype == torch.float32:
+            self._add_product(onednn_linear.weight_grad(g, h))
+        elif g.dtype == torch.float32 and self.sum is not None:
             self.sum.addmm_(g.t(), h)
-        else:  # addmm_ cannot mix a bf16 product into an fp32 accumulator
-            self.sum += g.t() @ h
+        else:
+            self._add_product(g.t() @ h)
+
+    def _add_product(self, product: torch.Tensor) -> None:
+        if self.sum is None:  # the first chunk's product is the sum: no zeros to fill and add
+            self.sum = product.float()
+        elif product.dtype == torch.float32:
+            self.sum += product
+        else:
+            # `sum += product` with a bf16 product casts element by element on a CPU
+            # (unvectorised: 10.7 ms for llama-small's 16384 x 512, once per chunk). A cast
+            # into a kept fp32 block, then an fp32 add, is two vectorised passes: 2.0 ms.
+            if self.scratch is None:
+                self.scratch = torch.empty_like(self.sum)
+            self.sum += self.scratch.copy_(product)
 
     def total(self) -> torch.Tensor:
         if self.transposed is None:
