@@ -33,7 +33,7 @@ import contextlib
 import torch
 from torch.autograd.function import once_differentiable
 
-from ptft.engine import onednn_linear
+from ptft.engine import onednn_linear, shared_cast
 
 
 def merged_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -73,26 +73,27 @@ class _MergedWeightLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         dtype = _matmul_dtype(x)
+        # Under autocast the projections that read one input (q, k, v) share one cast of it,
+        # and it is that copy backward keeps: half the bytes of the fp32 input, no second cast.
+        inputs = shared_cast.cast(x, dtype)
         with _autocast_off(x.device.type):
-            out = onednn_linear.matmul_nt(x.to(dtype), _merged(weight, lora_A, lora_B, scaling,
-                                                               dtype),
+            out = onednn_linear.matmul_nt(inputs, _merged(weight, lora_A, lora_B, scaling, dtype),
                                           None if bias is None else bias.to(dtype))
         # The merged weight is not kept: backward forms it again (weight-sized, cheap), which
         # keeps LoRA's memory at the frozen weights plus the factors.
-        ctx.save_for_backward(x, weight, lora_A, lora_B)
-        ctx.scaling, ctx.dtype = scaling, dtype
+        ctx.save_for_backward(inputs, weight, lora_A, lora_B)
+        ctx.scaling, ctx.dtype, ctx.x_dtype = scaling, dtype, x.dtype
         return out
 
     @staticmethod
     @once_differentiable  # oneDNN's op has no derivative: a second order must fail, not lie
     def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B = ctx.saved_tensors
+        inputs, weight, lora_A, lora_B = ctx.saved_tensors  # inputs: (tokens, in), in dtype
         scaling, dtype = ctx.scaling, ctx.dtype
         grad_x = grad_A = grad_B = None
-        with _autocast_off(x.device.type):
+        with _autocast_off(inputs.device.type):
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             grads = grad_out  # (tokens, out)
-            inputs = x.to(dtype)  # (tokens, in)
             grad_A, grad_B = _factor_grads(grads, inputs, a, b, *ctx.needs_input_grad[3:5])
             if grad_A is not None:
                 grad_A = grad_A.mul_(scaling).to(lora_A.dtype)
@@ -100,7 +101,7 @@ class _MergedWeightLora(torch.autograd.Function):
                 grad_B = grad_B.mul_(scaling).to(lora_B.dtype).contiguous()
             if ctx.needs_input_grad[0]:
                 merged = _merged(weight, lora_A, lora_B, scaling, dtype)
-                grad_x = onednn_linear.matmul_nt(grads, merged.t()).to(x.dtype)
+                grad_x = onednn_linear.matmul_nt(grads, merged.t()).to(ctx.x_dtype)
         return grad_x, None, None, grad_A, grad_B, None
 
 
