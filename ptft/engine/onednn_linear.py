@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ptft.engine import shared_copies
+
 _ROUTE = {"on": False}
 
 
@@ -90,14 +92,17 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None
 
 def weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """grad_out^T @ inputs, (n x t) @ (t x k), the weight gradient of a projection (2-D
-    operands). oneDNN runs the reduction over tokens fastest with the wider side of the result
-    as its columns (measured 1.3-1.9x on the shapes above), so a result wider than it is tall
-    is computed the other way round and transposed back (a view)."""
+    operands). oneDNN reduces over tokens from a contiguous transposed copy of one operand
+    (either side runs at the same speed once copied; handing it a transposed view makes it copy
+    more slowly inside). The inputs' copy is the one taken: projections that read one input (q,
+    k, v; gate, up) share it (ptft/engine/shared_copies.py), so it costs one copy per input
+    rather than one per output gradient. Only inputs more than twice as wide as the gradient (a
+    down projection) have the gradient copied instead."""
     if not applies(grad_out, inputs):
         return grad_out.t() @ inputs
-    if grad_out.shape[1] > inputs.shape[1]:
-        return matmul_nt(inputs.t(), grad_out.t()).t()
-    return matmul_nt(grad_out.t(), inputs.t())
+    if inputs.shape[1] <= 2 * grad_out.shape[1]:
+        return matmul_nt(shared_copies.transposed(inputs), grad_out.t()).t()
+    return matmul_nt(grad_out.t().contiguous(), inputs.t())
 
 
 class _OneDnnLinear(torch.autograd.Function):

@@ -33,7 +33,7 @@ import contextlib
 import torch
 from torch.autograd.function import once_differentiable
 
-from ptft.engine import onednn_linear, shared_cast
+from ptft.engine import onednn_linear, shared_copies
 
 
 def merged_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -75,7 +75,7 @@ class _MergedWeightLora(torch.autograd.Function):
         dtype = _matmul_dtype(x)
         # Under autocast the projections that read one input (q, k, v) share one cast of it,
         # and it is that copy backward keeps: half the bytes of the fp32 input, no second cast.
-        inputs = shared_cast.cast(x, dtype)
+        inputs = shared_copies.cast(x, dtype)
         with _autocast_off(x.device.type):
             out = onednn_linear.matmul_nt(inputs, _merged(weight, lora_A, lora_B, scaling, dtype),
                                           None if bias is None else bias.to(dtype))
