@@ -37,6 +37,7 @@ from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, e
                                    is_prompt_learning)
 from ptft.engine.optim import build_optimizer, lr_at, planned_steps
 from ptft.engine.packed_attention import check_sliding_window, use_packed_attention
+from ptft.engine.rms_norm import use_fused_rms_norms
 from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import checkpoint_config, compare_configs, continue_from, find_checkpoint
 from ptft.engine.rundir import create_run_dir
@@ -113,6 +114,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         check_sliding_window(model, getattr(data.train, "packing", False), t.seq_len)
         # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
         packed_attention = not t.compile and use_packed_attention(model, device)
+        fused_norms = 0 if t.compile else use_fused_rms_norms(model)  # compile fuses its own
         # fp32 on a CPU: the matmul probe (< 2 s per route, then cached) picks the library for
         # the projections and gives MFU's peak; rank 0 measures, every rank follows.
         fp32_cpu_rates = world.on_main(lambda: cpu_matmul_rates(None, cfg.data.cache_dir)) \
@@ -173,7 +175,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                # what train.precision=auto and train.chunked_loss=null resolved to
                "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
                "chunked_loss": chunked_loss, "packed_attention": packed_attention,
-               "onednn_linears": onednn}
+               "onednn_linears": onednn, "fused_rms_norms": fused_norms}
     _write_summary(run_dir, summary, world)
 
     def run_eval(step: int) -> None:
