@@ -224,5 +224,6 @@ def test_an_fp32_run_reports_the_route_it_took(tmp_path, cache_dir):
         cpu_matmul_rates(torch.float32, cache_dir))
     assert summary["precision"] == "fp32"
     assert summary["fused_rms_norms"] == 2 * 2 + 1  # ptft/engine/rms_norm.py, every norm
+    assert summary["fused_rotary"] is True  # ptft/engine/rotary.py
     losses = [loss for (kind, _), loss in rows(run_dir).items() if kind == "train"]
     assert losses and all(math.isfinite(loss) for loss in losses)

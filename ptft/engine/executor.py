@@ -24,7 +24,7 @@ from rich.table import Table
 from ptft.config.schema import OnNonFinite, RootConfig
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
-from ptft.engine import onednn_linear
+from ptft.engine import onednn_linear, rotary
 from ptft.engine.allocator import keep_freed_memory, training_step_allocations
 from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_model_state,
                                     save_checkpoint)
@@ -61,6 +61,7 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         raise
     finally:
         onednn_linear.route_fp32_linears(route_before)
+        rotary.restore()  # transformers' own rotary function back in its modeling modules
         training_step_allocations(False)  # a step that raised left it on
     world.close()
     return summary
@@ -114,7 +115,9 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         check_sliding_window(model, getattr(data.train, "packing", False), t.seq_len)
         # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
         packed_attention = not t.compile and use_packed_attention(model, device)
-        fused_norms = 0 if t.compile else use_fused_rms_norms(model)  # compile fuses its own
+        # Norms and rotary embedding as single functions (compile fuses its own).
+        fused_norms = 0 if t.compile else use_fused_rms_norms(model)
+        fused_rotary = [] if t.compile else rotary.use_fused_rotary(model)
         # fp32 on a CPU: the matmul probe (< 2 s per route, then cached) picks the library for
         # the projections and gives MFU's peak; rank 0 measures, every rank follows.
         fp32_cpu_rates = world.on_main(lambda: cpu_matmul_rates(None, cfg.data.cache_dir)) \
@@ -175,7 +178,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                # what train.precision=auto and train.chunked_loss=null resolved to
                "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
                "chunked_loss": chunked_loss, "packed_attention": packed_attention,
-               "onednn_linears": onednn, "fused_rms_norms": fused_norms}
+               "onednn_linears": onednn, "fused_rms_norms": fused_norms,
+               "fused_rotary": bool(fused_rotary)}
     _write_summary(run_dir, summary, world)
 
     def run_eval(step: int) -> None:
