@@ -110,3 +110,28 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for name in wa:
         assert (wa[name] == wb[name]).all(), f"{name} differs"
+
+
+def lm_loss_and_grads(model, dtype=None):
+    """A language-modelling loss of `model` on a fixed batch and its parameter gradients, in fp32
+    or under CPU autocast to `dtype`."""
+    import torch
+
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_loss_and_grads(want, got, dtype=None) -> None:
+    """Two lm_loss_and_grads results alike: 1e-5 relative in fp32, 2e-2 in bf16."""
+    import torch
+
+    (want_loss, want_grads), (got_loss, got_grads) = want, got
+    tolerance = 1e-5 if dtype is None else 2e-2
+    assert torch.allclose(got_loss, want_loss, rtol=tolerance)
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, rtol=tolerance,
+                              atol=tolerance * grad.abs().max().item()), name

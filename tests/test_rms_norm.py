@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from conftest import tiny_llama
+from conftest import assert_same_loss_and_grads, lm_loss_and_grads, tiny_llama
 from ptft.engine.rms_norm import rms_norm, use_fused_rms_norms
 
 
@@ -42,19 +42,8 @@ def test_a_model_trains_the_same_with_fused_norms(dtype):
     theirs = tiny_llama()
     ours = copy.deepcopy(theirs)
     assert use_fused_rms_norms(ours) == 2 * 2 + 1 and use_fused_rms_norms(ours) == 0
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-    grads = []
-    for model in (theirs, ours):
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (want_loss, want), (got_loss, got) = grads
-    tolerance = 1e-5 if dtype is None else 2e-2
-    assert torch.allclose(got_loss, want_loss, rtol=tolerance)
-    for name, grad in want.items():
-        assert torch.allclose(got[name], grad, rtol=tolerance,
-                              atol=tolerance * grad.abs().max().item()), name
+    assert_same_loss_and_grads(lm_loss_and_grads(theirs, dtype), lm_loss_and_grads(ours, dtype),
+                               dtype)
     # the class, names and state dict are Llama's; the model still pickles
     assert type(ours.model.norm) is LlamaRMSNorm
     assert ours.state_dict().keys() == theirs.state_dict().keys()

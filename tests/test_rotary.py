@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
-from conftest import tiny_llama
+from conftest import assert_same_loss_and_grads, lm_loss_and_grads, tiny_llama
 from ptft.engine import rotary
 
 ORIGINAL = modeling_llama.apply_rotary_pos_emb
@@ -71,23 +71,12 @@ def test_a_model_trains_the_same_and_restore_undoes_it(dtype, monkeypatch):
                         rotate(*args, **kw))
     theirs = tiny_llama()
     ours = copy.deepcopy(theirs)
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-    results = []
-    for model in (theirs, ours):
-        if model is ours:
-            assert rotary.use_fused_rotary(ours) == ["transformers.models.llama.modeling_llama"]
-        try:
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-        finally:
-            rotary.restore()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    want = lm_loss_and_grads(theirs, dtype)
+    assert rotary.use_fused_rotary(ours) == ["transformers.models.llama.modeling_llama"]
+    try:
+        got = lm_loss_and_grads(ours, dtype)
+    finally:
+        rotary.restore()
     assert modeling_llama.apply_rotary_pos_emb is ORIGINAL
     assert len(rotations) == 2 * 2 * 2  # 2 layers, queries and keys, forward and backward
-    (want_loss, want), (got_loss, got) = results
-    tolerance = 1e-5 if dtype is None else 2e-2
-    assert torch.allclose(got_loss, want_loss, rtol=tolerance)
-    for name, grad in want.items():
-        assert torch.allclose(got[name], grad, rtol=tolerance,
-                              atol=tolerance * grad.abs().max().item()), name
+    assert_same_loss_and_grads(want, got, dtype)
