@@ -50,6 +50,7 @@ def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, dev
                                                                 monkeypatch, matmul_route):
     monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, device, 4 * V * 7)  # chunks of 7 rows
     monkeypatch.setattr(fused_loss, "ONEDNN_ROWS_PER_HIDDEN", 0)  # on either route
+    monkeypatch.setattr(fused_loss, "SCRATCH_BYTES", 4 * H * 7)  # bf16 products: 7 rows a time
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 is fp32
     hidden, weight, b, labels = _inputs(bias, device)
     tensors = [t for t in (hidden, weight, b) if t is not None]
@@ -77,7 +78,8 @@ def test_chunks_that_add_fresh_products_hold_enough_rows_for_the_weight_gradient
     assert fused_loss.chunk_rows(cpu, 8192) == 256  # 8 MiB of logits
     assert fused_loss.chunk_rows(cpu, 8192, fresh_product_hidden=128) == 256  # llama-tiny: as is
     assert fused_loss.chunk_rows(cpu, 16384) == 128
-    assert fused_loss.chunk_rows(cpu, 16384, fresh_product_hidden=512) == 1024  # llama-small: 2 x 512
+    # llama-small: 2 x 512
+    assert fused_loss.chunk_rows(cpu, 16384, fresh_product_hidden=512) == 1024
     # a large vocabulary is capped at 64 MiB of logits
     assert fused_loss.chunk_rows(cpu, 128256, fresh_product_hidden=2048) == 2**26 // (4 * 128256)
 

@@ -18,8 +18,9 @@ llama-tiny's (16 x 4 x 256 x 32) 1.71 -> 0.70 ms, llama-small's (8 x 8 x 256 x 6
 halves).
 
 It replaces the module-level function of the modeling files in MODULES, which their attention
-classes call: a process-wide change, which the executor undoes (`restore`) when the run ends. Where the fused form does not apply (cos/sin that need gradients, an
-odd head size, torch.compile tracing) transformers' own function runs."""
+classes call: a process-wide change, which the executor undoes (`restore`) when the run ends.
+Where the fused form does not apply (cos/sin that need gradients, an odd head size, queries and
+keys of different dtypes, torch.compile tracing) transformers' own function runs."""
 
 from __future__ import annotations
 
