@@ -24,7 +24,7 @@ from rich.table import Table
 from ptft.config.schema import OnNonFinite, RootConfig
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
-from ptft.engine import onednn_linear, rotary
+from ptft.engine import onednn_linear
 from ptft.engine.allocator import keep_freed_memory, training_step_allocations
 from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_model_state,
                                     save_checkpoint)
@@ -36,8 +36,8 @@ from ptft.engine.metrics import MetricsLog, check_loggers, jsonable
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
                                    is_prompt_learning)
 from ptft.engine.optim import build_optimizer, lr_at, planned_steps
-from ptft.engine.packed_attention import check_sliding_window, use_packed_attention
-from ptft.engine.rms_norm import use_fused_rms_norms
+from ptft.engine.fast_paths import restore_process_switches, use_fast_paths
+from ptft.engine.packed_attention import check_sliding_window
 from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import checkpoint_config, compare_configs, continue_from, find_checkpoint
 from ptft.engine.rundir import create_run_dir
@@ -60,8 +60,7 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         world.close(together=False)  # maybe this rank's failure alone: no barrier to hang on
         raise
     finally:
-        onednn_linear.route_fp32_linears(route_before)
-        rotary.restore()  # transformers' own rotary function back in its modeling modules
+        restore_process_switches(route_before)
         training_step_allocations(False)  # a step that raised left it on
     world.close()
     return summary
@@ -113,16 +112,11 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         store_frozen_projections_in(model, amp_dtype)  # before the move: half the transfer
         model = model.to(device)
         check_sliding_window(model, getattr(data.train, "packing", False), t.seq_len)
-        # Packed SFT samples attend sample by sample (compile would recompile per batch shape).
-        packed_attention = not t.compile and use_packed_attention(model, device)
-        # Norms and rotary embedding as single functions (compile fuses its own).
-        fused_norms = 0 if t.compile else use_fused_rms_norms(model)
-        fused_rotary = [] if t.compile else rotary.use_fused_rotary(model)
         # fp32 on a CPU: the matmul probe (< 2 s per route, then cached) picks the library for
         # the projections and gives MFU's peak; rank 0 measures, every rank follows.
         fp32_cpu_rates = world.on_main(lambda: cpu_matmul_rates(None, cfg.data.cache_dir)) \
             if device.type == "cpu" and amp_dtype is None else None
-        onednn = onednn_linear.route_model(model, fp32_cpu_rates, t.compile)
+        fast_paths = use_fast_paths(model, device, t.compile, fp32_cpu_rates)
         total_params, trainable_params = count_parameters(model)
         _activation_checkpointing(model, t.activation_checkpointing)
         flops = training_flops(model, t.seq_len)
@@ -177,9 +171,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                "run_dir": str(run_dir), "data_prep_s": data_prep_s,
                # what train.precision=auto and train.chunked_loss=null resolved to
                "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
-               "chunked_loss": chunked_loss, "packed_attention": packed_attention,
-               "onednn_linears": onednn, "fused_rms_norms": fused_norms,
-               "fused_rotary": bool(fused_rotary)}
+               "chunked_loss": chunked_loss, **fast_paths}
     _write_summary(run_dir, summary, world)
 
     def run_eval(step: int) -> None:
