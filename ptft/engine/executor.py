@@ -30,13 +30,13 @@ from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_
                                     save_checkpoint)
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
+from ptft.engine.fast_paths import restore_process_switches, use_fast_paths
 from ptft.engine.flops import TrainingMeter, cpu_matmul_rates, device_peak_flops, training_flops
 from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers, jsonable
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
                                    is_prompt_learning)
 from ptft.engine.optim import build_optimizer, lr_at, planned_steps
-from ptft.engine.fast_paths import restore_process_switches, use_fast_paths
 from ptft.engine.packed_attention import check_sliding_window
 from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import checkpoint_config, compare_configs, continue_from, find_checkpoint
