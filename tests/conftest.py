@@ -135,3 +135,14 @@ def assert_same_loss_and_grads(want, got, dtype=None) -> None:
     for name, grad in want_grads.items():
         assert torch.allclose(got_grads[name], grad, rtol=tolerance,
                               atol=tolerance * grad.abs().max().item()), name
+
+
+def backward_node_names(tensor) -> set[str]:
+    """The class names of every autograd node behind `tensor` (which functions computed it)."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}

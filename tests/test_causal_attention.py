@@ -1,5 +1,6 @@
 """CPU causal attention by query blocks (ptft/engine/causal_attention.py): SDPA's outputs and
-gradients, grouped-query heads included, in fp32 under autocast, and used by the attention
+gradients, grouped-query heads included, products in the autocast dtype as eager attention
+under autocast, and used by the attention
 ptft installs for CPU runs where it pays (pre-training rows, long packed samples) but not
 where it would compute something else (dropout, masks) or cost more (short sequences)."""
 
@@ -15,7 +16,7 @@ from ptft.data.batches import Batch
 from ptft.engine.causal_attention import MAX_LENGTH, causal_attention, pays_for
 from ptft.engine.objective import accumulate_gradients
 from ptft.engine.packed_attention import packed_sdpa_attention, use_packed_attention
-from tests.conftest import tiny_llama
+from tests.conftest import backward_node_names, tiny_llama
 
 CPU = torch.device("cpu")
 BLOCKED = "_BlockedCausalAttentionBackward"
@@ -25,18 +26,6 @@ def _qkv(batch, heads, kv_heads, length, width, dtype=torch.float32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     shapes = [(batch, heads, length, width)] + [(batch, kv_heads, length, width)] * 2
     return [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in shapes]
-
-
-def _backward_nodes(tensor: torch.Tensor) -> set[str]:
-    seen, stack, names = set(), [tensor.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return names
 
 
 @pytest.mark.parametrize("shape", [
@@ -53,7 +42,7 @@ def test_same_outputs_and_gradients_as_sdpa(shape):
                                           enable_gqa=True)
     want_grads = torch.autograd.grad(want, (query, key, value), grad_out)
     got = causal_attention(query, key, value, 0.3)
-    assert BLOCKED in _backward_nodes(got)
+    assert BLOCKED in backward_node_names(got)
     got_grads = torch.autograd.grad(got, (query, key, value), grad_out)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, g, w in zip("qkv", got_grads, want_grads):
@@ -63,16 +52,45 @@ def test_same_outputs_and_gradients_as_sdpa(shape):
                                    rtol=0, atol=0)
 
 
-def test_fp32_under_autocast():
-    query, key, value = _qkv(2, 4, 2, 96, 8, dtype=torch.bfloat16)
+def _eager_attention(query, key, value, scale):
+    """transformers' eager attention under autocast: matmuls in the autocast dtype, softmax in
+    fp32 rounded back, causal mask."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    length = query.shape[2]
+    scores = scores + torch.full((length, length), float("-inf")).triu(1).to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value)
+
+
+def test_products_in_the_autocast_dtype_as_eager_attention_under_autocast():
+    query, key, value = _qkv(2, 4, 2, 160, 16, seed=3)
+    grad_out = torch.randn(2, 4, 160, 16, generator=torch.Generator().manual_seed(4))
+    exact = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.35,
+                                           enable_gqa=True)
+    exact_grads = torch.autograd.grad(exact, (query, key, value), grad_out)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = causal_attention(query, key, value, 0.35)
-        got.float().square().sum().backward()
-    assert got.dtype == torch.float32
-    want = causal_attention(*(t.detach().float() for t in (query, key, value)), 0.35)
-    assert torch.equal(got.detach(), want)
-    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0
-               for t in (query, key, value))
+        low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (query, key, value)]
+        got = causal_attention(*low, 0.35, torch.bfloat16)
+        eager = _eager_attention(*low, 0.35)
+    assert got.dtype == torch.bfloat16 and BLOCKED in backward_node_names(got)
+    got_grads = torch.autograd.grad(got, low, grad_out.to(torch.bfloat16))
+    eager_grads = torch.autograd.grad(eager, low, grad_out.to(torch.bfloat16))
+    assert all(g.dtype == torch.bfloat16 for g in got_grads)
+
+    def error(result, reference):
+        return ((result.float() - reference).norm() / reference.norm()).item()
+
+    # bf16-sized errors against the exact fp32 attention, and no larger than eager's (the
+    # softmax, dS and the sums over blocks are kept in fp32)
+    assert error(got, exact) < 1e-2
+    assert error(got, exact) <= 1.25 * error(eager, exact)
+    for got_grad, eager_grad, exact_grad in zip(got_grads, eager_grads, exact_grads):
+        assert error(got_grad, exact_grad) < 2e-2
+        assert error(got_grad, exact_grad) <= 1.25 * error(eager_grad, exact_grad)
+    # the default stays fp32, whatever the inputs' dtype
+    assert causal_attention(*low, 0.35).dtype == torch.float32
 
 
 def test_pays_for_long_enough_and_short_enough_queries():
@@ -105,8 +123,8 @@ def test_pretraining_rows_attend_by_blocks_with_sdpas_results():
     assert use_packed_attention(blocked, CPU)
     batch = _pretraining_batch()
     logits = blocked(**batch.inputs).logits
-    assert BLOCKED in _backward_nodes(logits)
-    assert BLOCKED not in _backward_nodes(plain(**batch.inputs).logits)
+    assert BLOCKED in backward_node_names(logits)
+    assert BLOCKED not in backward_node_names(plain(**batch.inputs).logits)
     want_loss, want_grads = _loss_and_grads(plain, batch)
     got_loss, got_grads = _loss_and_grads(blocked, batch)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
@@ -119,14 +137,14 @@ def test_sdpa_where_blocks_would_compute_something_else_or_cost_more():
     use_packed_attention(model, CPU)
     batch = _pretraining_batch()
     model.train()  # dropout on: SDPA
-    assert BLOCKED not in _backward_nodes(model(**batch.inputs).logits)
+    assert BLOCKED not in backward_node_names(model(**batch.inputs).logits)
     model.eval()  # no dropout in evaluation: the blocks
-    assert BLOCKED in _backward_nodes(model(**batch.inputs).logits)
+    assert BLOCKED in backward_node_names(model(**batch.inputs).logits)
     padded = {**batch.inputs, "attention_mask": torch.ones(8, 256, dtype=torch.long)}
     padded["attention_mask"][0, :3] = 0  # a mask to apply: SDPA
-    assert BLOCKED not in _backward_nodes(model(**padded).logits)
+    assert BLOCKED not in backward_node_names(model(**padded).logits)
     short = _pretraining_batch(rows=2, length=64)  # too little work: SDPA
-    assert BLOCKED not in _backward_nodes(model(**short.inputs).logits)
+    assert BLOCKED not in backward_node_names(model(**short.inputs).logits)
 
 
 def test_long_packed_samples_attend_by_blocks_short_ones_by_sdpa():
@@ -134,7 +152,7 @@ def test_long_packed_samples_attend_by_blocks_short_ones_by_sdpa():
     query, key, value = _qkv(2, 8, 4, 256, 32)
     segments = (((0, 200), (200, 250)), ((0, 256),))
     got, _ = packed_sdpa_attention(module, query, key, value, None, segments, scaling=0.2)
-    assert BLOCKED in _backward_nodes(got)
+    assert BLOCKED in backward_node_names(got)
     # the block-diagonal causal mask over whole rows gives the same (padding aside)
     allowed = torch.zeros(2, 1, 256, 256, dtype=torch.bool)
     for row, spans in enumerate(segments):

@@ -1,6 +1,6 @@
-"""Packed SFT attention sample by sample: the same losses and gradients as the block-diagonal
-mask (and as unpacked samples), not read from the mask at all, in fp32 under autocast, and
-nothing of it saved."""
+"""Packed SFT attention sample by sample (samples of about one length together, padded): the
+same losses and gradients as the block-diagonal mask (and as unpacked samples), not read from
+the mask at all, short samples' SDPA in fp32 under autocast, and nothing of it saved."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from ptft.config.schema import DataConfig, PromptTuningMethodConfig
 from ptft.data.batches import IGNORE_INDEX
 from ptft.data.sft import PackedSFT, save_samples, tokenize_sft
 from ptft.engine.objective import accumulate_gradients, loss_sum
-from ptft.engine.packed_attention import (NAME, packed_sdpa_attention, use_packed_attention,
+from ptft.engine.packed_attention import (NAME, PAD_SLACK, _length_groups, packed_sdpa_attention,
+                                         use_packed_attention,
                                          uses_packed_attention)
 from ptft.methods import apply_method
-from tests.conftest import tiny_llama
+from tests.conftest import backward_node_names, tiny_llama
 from tests.test_sft import records, tokenizer  # noqa: F401 (tokenizer: a fixture)
 
 CPU = torch.device("cpu")
@@ -109,6 +110,43 @@ def _spans(data, batch):
             row.append((sample, (start, start + n)))
             start += n
         yield row
+
+
+def test_samples_of_about_one_length_attend_together():
+    lengths = [60, 55, 20, 60, 50, 17, 100]
+    groups = _length_groups(lengths)
+    assert groups == [[6], [0, 3, 1, 4], [2, 5]]
+    for group in groups:  # longest first, none padded by more than the slack
+        assert lengths[group[0]] == max(lengths[i] for i in group)
+        assert all(lengths[group[0]] <= PAD_SLACK * lengths[i] for i in group)
+
+
+@pytest.mark.parametrize("width", [32, 4])  # groups by blocks / groups by SDPA
+def test_padded_groups_give_the_masks_outputs_and_gradients(width):
+    segments = (((0, 100), (100, 190), (190, 250)), ((0, 95), (95, 180), (180, 256)))
+    assert len(_length_groups([100, 90, 60, 95, 85, 76])) < 6  # some samples are padded
+    module = tiny_llama(num_attention_heads=8, num_key_value_heads=4).model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, heads, 256, width, generator=generator).requires_grad_()
+                         for heads in (8, 4, 4))
+    grad_out = torch.randn(2, 256, 8, width, generator=generator)
+    grad_out[0, 250:] = 0  # row 0's padding: no loss reads it
+    got, _ = packed_sdpa_attention(module, query, key, value, None, segments, scaling=0.2)
+    assert (width == 32) == ("_BlockedCausalAttentionBackward" in backward_node_names(got))
+    got_grads = torch.autograd.grad(got, (query, key, value), grad_out)
+    allowed = torch.zeros(2, 1, 256, 256, dtype=torch.bool)
+    for row, spans in enumerate(segments):
+        for start, end in spans:
+            allowed[row, 0, start:end, start:end] = True
+    allowed &= torch.ones(256, 256, dtype=torch.bool).tril()
+    allowed[0, 0, 250:, 0] = True  # padding rows: any finite softmax
+    want = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=0.2,
+                                          enable_gqa=True).transpose(1, 2)
+    want_grads = torch.autograd.grad(want, (query, key, value), grad_out)
+    torch.testing.assert_close(got[0, :250], want[0, :250], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_samples_attend_in_fp32_under_autocast(tmp_path, tokenizer):
