@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ptft.data.batches import Batch
-from ptft.engine.causal_attention import MAX_LENGTH, causal_attention, pays_for
+from ptft.engine.causal_attention import (LOW_PRECISION_MIN_COLUMNS, MAX_LENGTH,
+                                          causal_attention, pays_for)
 from ptft.engine.objective import accumulate_gradients
 from ptft.engine.packed_attention import packed_sdpa_attention, use_packed_attention
 from tests.conftest import backward_node_names, tiny_llama
@@ -65,8 +66,8 @@ def _eager_attention(query, key, value, scale):
 
 
 def test_products_in_the_autocast_dtype_as_eager_attention_under_autocast():
-    query, key, value = _qkv(2, 4, 2, 160, 16, seed=3)
-    grad_out = torch.randn(2, 4, 160, 16, generator=torch.Generator().manual_seed(4))
+    query, key, value = _qkv(16, 4, 2, 160, 32, seed=3)  # 16 x 2 pairs x 32: wide enough
+    grad_out = torch.randn(16, 4, 160, 32, generator=torch.Generator().manual_seed(4))
     exact = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=0.35,
                                            enable_gqa=True)
     exact_grads = torch.autograd.grad(exact, (query, key, value), grad_out)
@@ -89,8 +90,12 @@ def test_products_in_the_autocast_dtype_as_eager_attention_under_autocast():
     for got_grad, eager_grad, exact_grad in zip(got_grads, eager_grads, exact_grads):
         assert error(got_grad, exact_grad) < 2e-2
         assert error(got_grad, exact_grad) <= 1.25 * error(eager_grad, exact_grad)
-    # the default stays fp32, whatever the inputs' dtype
+    # the default stays fp32, whatever the inputs' dtype; so do products too narrow to pay
     assert causal_attention(*low, 0.35).dtype == torch.float32
+    narrow = [t[:1] for t in low]
+    assert narrow[0].shape[0] * narrow[1].shape[1] * narrow[0].shape[-1] < \
+        LOW_PRECISION_MIN_COLUMNS
+    assert causal_attention(*narrow, 0.35, torch.bfloat16).dtype == torch.float32
 
 
 def test_pays_for_long_enough_and_short_enough_queries():

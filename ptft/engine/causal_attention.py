@@ -22,9 +22,12 @@ The products run in the dtype autocast would give them (bf16 under bf16 autocast
 attention's matmuls run there: transformers' eager attention, nanoGPT's), the softmax in fp32,
 its probabilities rounded to the product dtype for P V (as eager attention does), the score
 gradient dS in fp32 and the key and value gradients summed over the blocks in fp32. On this
-CPU bf16 batched matmuls run ~2.5x the fp32 rate at these shapes (~450 against ~185 GFLOP/s):
-bf16 pre-training steps, llama-tiny 173 -> 151 ms, llama-small 783 -> 710 ms. Without
-autocast the products are the inputs' dtype (fp32 in an fp32 run, SDPA's results to 1e-5).
+CPU bf16 batched matmuls run up to ~2.5x the fp32 rate (~450 against ~185 GFLOP/s), but cost
+more per call: narrow ones (few sequences and heads, a small head size) stay in fp32
+(LOW_PRECISION_MIN_COLUMNS). bf16 pre-training steps (medians, two interleaved runs each):
+llama-tiny 160 -> 145 ms, llama-small 747 -> 692 ms. Without autocast the products are the
+inputs' dtype (fp32 in an fp32 run, SDPA's results to 1e-5).
+
 The price of blocks is memory: backward keeps each block's probabilities, about T^2 / 2 values
 per (batch, head), where flash keeps one float per query. Sequences longer than MAX_LENGTH go
 to SDPA.
@@ -46,6 +49,12 @@ masked work, more make the matmuls too thin)."""
 MAX_LENGTH = 512
 """Longest sequence attended here; longer ones go to SDPA, whose memory does not grow with
 the square of the length (at 512 the kept probabilities are ~0.6 MB per batch row and head)."""
+LOW_PRECISION_MIN_COLUMNS = 1024
+"""bf16 (or fp16) products only where the batched matmuls have at least this many columns of
+head size across their batch, (batch x key/value heads) x head size: below it oneDNN's bf16
+kernel spends longer per call than MKL's fp32 one saves. Forward and backward, 2 CPU threads,
+bf16 time / fp32 time: 8 heads of 64 (4 key/value heads) at 128 positions, batch 1 1.12, batch
+4 0.71, batch 16 0.62; 4 heads of 32, 256 positions, batch 4 1.00, batch 16 0.85."""
 MIN_WORK = 6_000_000
 """Smallest batch x heads x length^2 x head size attended here: below it the flash kernel's
 lower overhead wins (one 192-token sample of 4 heads of 32: 0.49 against 0.52 ms forward and
@@ -62,8 +71,12 @@ def pays_for(query: torch.Tensor) -> bool:
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """softmax(query key^T * scale + causal mask) value. query (B, H, T, D); key (B, H_kv, T,
-    D) and value (B, H_kv, T, D_v) with H a multiple of H_kv. The products run in `dtype` (see
-    product_dtype), the softmax in fp32. Returns (B, H, T, D_v) in `dtype`."""
+    D) and value (B, H_kv, T, D_v) with H a multiple of H_kv. The products run in `dtype`
+    where they are wide enough for a lower precision to pay (LOW_PRECISION_MIN_COLUMNS), else
+    in fp32; the softmax in fp32. Returns (B, H, T, D_v) in the dtype of the products."""
+    if dtype != torch.float32 and query.device.type == "cpu" and \
+            query.shape[0] * key.shape[1] * query.shape[-1] < LOW_PRECISION_MIN_COLUMNS:
+        dtype = torch.float32
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     with torch.autocast(query.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
@@ -71,8 +84,8 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return _forward(query, key, value, scale, keep=None)
 
 
-def product_dtype(query: torch.Tensor) -> torch.dtype:
-    """The dtype attention's matmuls run in: autocast's where it is on (as autocast runs an
+def autocast_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype an attention's matmuls get: autocast's where it is on (as autocast runs an
     eager attention's matmuls), else the query's."""
     device = query.device.type
     if torch.is_autocast_enabled(device):

@@ -28,10 +28,10 @@ anything else SDPA computes stay with SDPA, in fp32 whatever the autocast dtype:
 bf16 SDPA kernel is slow on small shapes and keeps memory for each new one (one sample at a
 time through 200 lengths: 5x the fp32 time, 2 GB RSS).
 
-llama-small SFT under bf16 autocast (8 x 512 tokens, 2 CPU threads, in process, medians of 6
-interleaved steps): full fine-tuning 1.30 -> 1.17 s, LoRA 1.07 -> 0.93 s, adapters 1.00 ->
-0.86 s a step from the products in bf16 and the samples grouped by length; the attention of
-one batch alone (8 layers, forward and backward) ~320 -> ~180 ms.
+LoRA SFT steps under bf16 autocast on fresh docstrings batches (8 x 512 tokens, 2 CPU threads,
+means of interleaved steps in one process): llama-tiny 164 ms a sample at a time in fp32 ->
+147 ms in groups (its groups are mostly too narrow for bf16 products to pay); llama-small
+1.116 s -> 1.089 s in groups -> 1.034 s with bf16 products where they pay.
 
 Registered with transformers as the attention implementation "ptft_packed_sdpa"; a saved model
 does not record it (config.json holds no attention implementation).
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from ptft.engine.causal_attention import product_dtype
+from ptft.engine.causal_attention import autocast_dtype
 
 NAME = "ptft_packed_sdpa"
 Segments = tuple[tuple[tuple[int, int], ...], ...]
@@ -60,7 +60,7 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                 and _blocked_applies(module, query, kwargs):
             return _blocked(module, query, key, value, **kwargs).to(query.dtype), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    dtype = product_dtype(query)
+    dtype = autocast_dtype(query)
     with torch.autocast(query.device.type, enabled=False):
         out = _per_sample(module, query.to(dtype), key.to(dtype), value.to(dtype),
                           packed_segments, **kwargs)
@@ -90,16 +90,17 @@ def _blocked(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     from ptft.engine.causal_attention import causal_attention
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return causal_attention(query, key, value, scale, product_dtype(query)).transpose(
+    return causal_attention(query, key, value, scale, autocast_dtype(query)).transpose(
         1, 2).contiguous()
 
 
 PAD_SLACK = 1.2
 """Samples attend together, as one batch, when the longest is at most this many times the
 length of each (the shorter ones padded at their ends). One call per sample ran each one's
-small matmuls at a fraction of the rate a batch of them gets (the 8 layers of a llama-small
-SFT batch, 24-35 samples of 40-500 tokens, bf16: 255 ms forward and backward one by one, ~205
-grouped by exact length, ~180 with up to 20% padding; 50% padding wastes more than it saves)."""
+small matmuls at a fraction of the rate a batch of them gets. LoRA SFT steps on fresh
+docstrings batches under bf16 autocast, interleaved in one process, 2 CPU threads: llama-tiny
+152 ms one sample at a time (slack 1.0: equal lengths only), 148 at 1.2, 152 at 1.5, 163 at
+2.0; llama-small 1.110 s at 1.0, 1.084 at 1.2, 1.074 at 1.5."""
 
 
 def _per_sample(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -108,7 +109,7 @@ def _per_sample(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
 
     def attend(q, k, v):  # samples of one length: (b, H, n, D) -> (b, n, H, D)
         if _blocked_applies(module, q, kwargs):
-            return _blocked(module, q, k, v, **kwargs)
+            return _blocked(module, q, k, v, **kwargs).to(q.dtype)
         # SDPA in fp32: its bf16 CPU kernel is slow on small shapes and keeps memory per shape
         return sdpa_attention_forward(module, q.float(), k.float(), v.float(), None,
                                       **kwargs)[0].to(q.dtype)
