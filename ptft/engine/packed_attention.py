@@ -22,16 +22,21 @@ closer to the machine's rate than a call per sample.
 
 Causal self-attention without a mask (pre-training rows, evaluation of unpadded rows) and
 the packed samples long enough to pay go through ptft/engine/causal_attention.py, blocks of
-queries by batched matmuls, faster on a CPU than the SDPA kernel at these sizes, with products
-in the autocast dtype as autocast gives an eager attention. Short samples, dropout, masks and
-anything else SDPA computes stay with SDPA, in fp32 whatever the autocast dtype: the CPU's
-bf16 SDPA kernel is slow on small shapes and keeps memory for each new one (one sample at a
-time through 200 lengths: 5x the fp32 time, 2 GB RSS).
+queries by batched matmuls, faster on a CPU than the SDPA kernel at these sizes; short samples,
+dropout, masks and anything else SDPA computes stay with SDPA.
+
+Packed samples attend in fp32 whatever the autocast dtype. In bf16 their shapes would change
+from batch to batch, and both bf16 kernels compile code for each new shape: SDPA's (one sample
+at a time through 200 lengths: 5x the fp32 time, 2 GB RSS) and oneDNN's batched matmul (~0.5
+ms per new shape, against ~0.03 ms to run one of these). Causal rows, whose shapes repeat
+every step, take bf16 products (causal_attention.py). With bf16 products where they pay, the
+harness's llama-small LoRA step was no faster than in fp32 (1.042 / 1.016 against 0.984 /
+1.054 s, interleaved runs) and its peak RSS rose by ~150 MB, though 24 steps in process gained
+~5%: its first steps meet mostly new shapes.
 
 LoRA SFT steps under bf16 autocast on fresh docstrings batches (8 x 512 tokens, 2 CPU threads,
-means of interleaved steps in one process): llama-tiny 164 ms a sample at a time in fp32 ->
-147 ms in groups (its groups are mostly too narrow for bf16 products to pay); llama-small
-1.116 s -> 1.089 s in groups -> 1.034 s with bf16 products where they pay.
+means of interleaved steps in one process): llama-tiny 164 ms a sample at a time -> 147 ms in
+groups; llama-small 1.116 -> 1.089 s.
 
 Registered with transformers as the attention implementation "ptft_packed_sdpa"; a saved model
 does not record it (config.json holds no attention implementation).
@@ -60,10 +65,9 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                 and _blocked_applies(module, query, kwargs):
             return _blocked(module, query, key, value, **kwargs).to(query.dtype), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    dtype = autocast_dtype(query)
     with torch.autocast(query.device.type, enabled=False):
-        out = _per_sample(module, query.to(dtype), key.to(dtype), value.to(dtype),
-                          packed_segments, **kwargs)
+        out = _per_sample(module, query.float(), key.float(), value.float(), packed_segments,
+                          **kwargs)
     return out.to(query.dtype), None
 
 
@@ -97,10 +101,9 @@ def _blocked(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
 PAD_SLACK = 1.2
 """Samples attend together, as one batch, when the longest is at most this many times the
 length of each (the shorter ones padded at their ends). One call per sample ran each one's
-small matmuls at a fraction of the rate a batch of them gets. LoRA SFT steps on fresh
-docstrings batches under bf16 autocast, interleaved in one process, 2 CPU threads: llama-tiny
-152 ms one sample at a time (slack 1.0: equal lengths only), 148 at 1.2, 152 at 1.5, 163 at
-2.0; llama-small 1.110 s at 1.0, 1.084 at 1.2, 1.074 at 1.5."""
+small matmuls at a fraction of the rate a batch of them gets. llama-tiny LoRA SFT steps on
+fresh docstrings batches under bf16 autocast, interleaved in one process, 2 CPU threads: 152 ms
+at slack 1.0 (equal lengths only), 148 at 1.2, 152 at 1.5, 163 at 2.0."""
 
 
 def _per_sample(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -109,10 +112,8 @@ def _per_sample(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
 
     def attend(q, k, v):  # samples of one length: (b, H, n, D) -> (b, n, H, D)
         if _blocked_applies(module, q, kwargs):
-            return _blocked(module, q, k, v, **kwargs).to(q.dtype)
-        # SDPA in fp32: its bf16 CPU kernel is slow on small shapes and keeps memory per shape
-        return sdpa_attention_forward(module, q.float(), k.float(), v.float(), None,
-                                      **kwargs)[0].to(q.dtype)
+            return _blocked(module, q, k, v, **kwargs)
+        return sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
 
     length, heads, value_dim = query.shape[2], query.shape[1], value.shape[-1]
     # Pieces by unbind and split, not by slicing: their backward is one stack and one cat,
