@@ -24,13 +24,12 @@ from rich.table import Table
 from ptft.config.schema import OnNonFinite, RootConfig
 from ptft.data.batches import TrainStream, eval_batches
 from ptft.data.prepare import prepare_data, resolve_task
-from ptft.engine import onednn_linear
 from ptft.engine.allocator import keep_freed_memory, training_step_allocations
 from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_model_state,
                                     save_checkpoint)
 from ptft.engine.distributed import World, init_world, wrap_model
 from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
-from ptft.engine.fast_paths import restore_process_switches, use_fast_paths
+from ptft.engine.fast_paths import process_switches, restore_process_switches, use_fast_paths
 from ptft.engine.flops import TrainingMeter, cpu_matmul_rates, device_peak_flops, training_flops
 from ptft.engine.frozen_weights import store_frozen_projections_in
 from ptft.engine.metrics import MetricsLog, check_loggers, jsonable
@@ -50,7 +49,7 @@ from ptft.models import build_model, check_model_path, count_parameters, load_mo
 def execute(cfg: RootConfig, console: Console | None = None) -> dict:
     """Run one training job described by `cfg`; returns the summary (also in summary.json)."""
     world = init_world(cfg.train.device.value)
-    route_before = onednn_linear.routed()  # a process-wide switch this run may turn on
+    switches = process_switches()  # process-wide state this run may change
     try:
         summary = _execute(cfg, world, console or Console(quiet=not world.is_main))
     except (UsageError, Preempted, TrainingFailed):
@@ -60,7 +59,7 @@ def execute(cfg: RootConfig, console: Console | None = None) -> dict:
         world.close(together=False)  # maybe this rank's failure alone: no barrier to hang on
         raise
     finally:
-        restore_process_switches(route_before)
+        restore_process_switches(switches)
         training_step_allocations(False)  # a step that raised left it on
     world.close()
     return summary

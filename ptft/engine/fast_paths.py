@@ -36,8 +36,14 @@ def use_fast_paths(model: torch.nn.Module, device: torch.device, compiled: bool,
     }
 
 
-def restore_process_switches(onednn_route_before: bool) -> None:
-    """Put back what use_fast_paths changed beyond the model: the oneDNN route switch and
-    transformers' own rotary function."""
-    onednn_linear.route_fp32_linears(onednn_route_before)
+def process_switches() -> bool:
+    """The process-wide state use_fast_paths may change beyond the model (the oneDNN route
+    switch), read before a run, for restore_process_switches."""
+    return onednn_linear.routed()
+
+
+def restore_process_switches(before: bool) -> None:
+    """Put back what use_fast_paths changed beyond the model: the oneDNN route switch as
+    process_switches() read it, and transformers' own rotary function."""
+    onednn_linear.route_fp32_linears(before)
     rotary.restore()
