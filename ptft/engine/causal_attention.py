@@ -102,7 +102,7 @@ def _blocks(length: int) -> list[tuple[int, int]]:
 @functools.lru_cache(maxsize=64)
 def _diagonal_mask(rows: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive causal mask of a block's own keys: -inf above the diagonal. (Keys before
-    the block are all visible; cached by size only, a few KB each.)"""
+    the block are all visible; cached by size and dtype, a few KB each.)"""
     return torch.full((rows, rows), float("-inf"), dtype=dtype).triu_(1)
 
 
