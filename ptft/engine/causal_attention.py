@@ -84,15 +84,6 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         return _forward(query, key, value, scale, keep=None)
 
 
-def autocast_dtype(query: torch.Tensor) -> torch.dtype:
-    """The dtype an attention's matmuls get: autocast's where it is on (as autocast runs an
-    eager attention's matmuls), else the query's."""
-    device = query.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return query.dtype
-
-
 def _blocks(length: int) -> list[tuple[int, int]]:
     count = max(1, length // BLOCK_ROWS)
     bounds = [length * i // count for i in range(count + 1)]

@@ -10,6 +10,15 @@ from ptft.config.schema import Device, Precision, TrainConfig
 from ptft.errors import UsageError
 
 
+def matmul_dtype(device: torch.device | str, default: torch.dtype) -> torch.dtype:
+    """The dtype a matmul on `device` runs in at this point: autocast's where autocast is on,
+    else `default` (its inputs' dtype). For code that casts for itself under autocast."""
+    device_type = torch.device(device).type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
+
+
 def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == Device.cuda and not torch.cuda.is_available():
         raise UsageError("train.device=cuda but no CUDA device is visible; use train.device=auto.")

@@ -25,6 +25,7 @@ import torch
 
 from ptft.data.batches import IGNORE_INDEX
 from ptft.engine import onednn_linear
+from ptft.engine.device import matmul_dtype
 
 # fp32 logits per chunk, by device type: on CPUs 8 MiB stays in cache (measured faster than any
 # larger chunk); on GPUs 256 MiB keeps the matmuls large enough to be efficient.
@@ -48,7 +49,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """sum over rows of cross_entropy(hidden @ weight.T + bias, labels), ignoring -100 labels,
     as an fp32 scalar. hidden: (N, H); weight: (V, H); labels: (N,). `all_targets`: the caller
     knows no label is -100 (saves a pass over each chunk)."""
-    dtype = _compute_dtype(hidden.device, weight.dtype)
+    dtype = matmul_dtype(hidden.device, weight.dtype)
     rows = chunk_rows(hidden.device, weight.shape[0],
                       weight.shape[1] if adds_fresh_products(hidden, weight, bias, dtype) else 0)
     needs_grad = torch.is_grad_enabled() and any(
@@ -239,10 +240,3 @@ def _softmax_and_nll(logits: torch.Tensor, target: torch.Tensor, logits_of):
         lost = logits_of(rows).float()
         nll[rows] = torch.logsumexp(lost, dim=-1) - lost.gather(1, target[rows]).squeeze(1)
     return p, nll
-
-
-def _compute_dtype(device: torch.device, weight_dtype: torch.dtype) -> torch.dtype:
-    """The matmul dtype: autocast's where it is on (as F.linear would run), else the weight's."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return weight_dtype

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from ptft.engine.causal_attention import autocast_dtype
+from ptft.engine.device import matmul_dtype
 
 NAME = "ptft_packed_sdpa"
 Segments = tuple[tuple[tuple[int, int], ...], ...]
@@ -90,12 +90,13 @@ _UNSUPPORTED = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks")
 
 def _blocked(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
              value: torch.Tensor, scaling: float | None = None, **_) -> torch.Tensor:
-    """The causal blocks' attention in transformers' (B, T, H, D) layout, fp32."""
+    """The causal blocks' attention in transformers' (B, T, H, D) layout, in the dtype of its
+    products (causal_attention.py)."""
     from ptft.engine.causal_attention import causal_attention
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return causal_attention(query, key, value, scale, autocast_dtype(query)).transpose(
-        1, 2).contiguous()
+    dtype = matmul_dtype(query.device, query.dtype)
+    return causal_attention(query, key, value, scale, dtype).transpose(1, 2).contiguous()
 
 
 PAD_SLACK = 1.2

@@ -34,6 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ptft.engine import onednn_linear, shared_copies
+from ptft.engine.device import matmul_dtype
 
 
 def merged_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -47,12 +48,6 @@ def merged_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     out = _MergedWeightLora.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
                                   scaling)
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the base layer's matmul would run in: autocast's, if it is on."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _autocast_off(device_type: str):
@@ -72,7 +67,7 @@ class _MergedWeightLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
-        dtype = _matmul_dtype(x)
+        dtype = matmul_dtype(x.device, x.dtype)
         # Under autocast the projections that read one input (q, k, v) share one cast of it,
         # and it is that copy backward keeps: half the bytes of the fp32 input, no second cast.
         inputs = shared_copies.cast(x, dtype)
