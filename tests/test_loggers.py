@@ -95,8 +95,8 @@ def test_summary_json_stays_valid_json_with_non_finite_values(tmp_path):
     import math
 
     from ptft.engine.distributed import World
-    from ptft.engine.executor import _write_summary
-    _write_summary(tmp_path, {"eval_loss": math.nan, "train_loss": math.inf, "steps": 3}, World())
+    from ptft.engine.run_report import write_summary
+    write_summary(tmp_path, {"eval_loss": math.nan, "train_loss": math.inf, "steps": 3}, World())
 
     def refuse(constant):
         raise ValueError(f"bare {constant} is not JSON")

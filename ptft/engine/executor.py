@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
-from rich.table import Table
 
 from ptft.config.schema import OnNonFinite, RootConfig
 from ptft.data.batches import TrainStream, eval_batches
@@ -32,13 +30,14 @@ from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve
 from ptft.engine.fast_paths import process_switches, restore_process_switches, use_fast_paths
 from ptft.engine.flops import TrainingMeter, cpu_matmul_rates, device_peak_flops, training_flops
 from ptft.engine.frozen_weights import store_frozen_projections_in
-from ptft.engine.metrics import MetricsLog, check_loggers, jsonable
+from ptft.engine.metrics import MetricsLog, check_loggers
 from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, evaluate,
                                    is_prompt_learning)
 from ptft.engine.optim import build_optimizer, lr_at, planned_steps
 from ptft.engine.packed_attention import check_sliding_window
 from ptft.engine.progress import ProgressReporter
 from ptft.engine.resume import checkpoint_config, compare_configs, continue_from, find_checkpoint
+from ptft.engine.run_report import data_line, summary_table, write_summary
 from ptft.engine.rundir import create_run_dir
 from ptft.engine.signals import StopRequests, ignore_launcher_stop
 from ptft.errors import Preempted, TrainingFailed, UsageError, redact_secrets
@@ -104,7 +103,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         world.wait_for_main()
         data = data if world.is_main else prepare_data(cfg)  # reads rank 0's cache
         data_prep_s = time.perf_counter() - data_started  # a cache hit: well under a second
-        console.print(_data_line(data), highlight=False)
+        console.print(data_line(data), highlight=False)
         _check_data_sizes(data, t.seq_len, console)
         model = _model(cfg, data)
         model = apply_method(model, cfg.method, data.task)
@@ -171,7 +170,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                # what train.precision=auto and train.chunked_loss=null resolved to
                "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
                "chunked_loss": chunked_loss, **fast_paths}
-    _write_summary(run_dir, summary, world)
+    write_summary(run_dir, summary, world)
 
     def run_eval(step: int) -> None:
         if len(data.eval) == 0:
@@ -276,7 +275,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                       "saving; " + (f"the last checkpoint is {last[-1]}: run the same command "
                                     "to resume from it." if last else "no checkpoint yet."))
             err = KeyboardInterrupt(reason)
-        _write_summary(run_dir, {**summary, "status": status, "steps": state["step"],
+        write_summary(run_dir, {**summary, "status": status, "steps": state["step"],
                                  "reason": reason}, world)
         raise err from None
 
@@ -300,8 +299,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         "time_to_first_step_s": meter.first_step_s,
         "flops_per_token": flops.per_block_token, "peak_flops": peak,
         "peak_memory_mb": peak_memory_mb(device)})
-    _write_summary(run_dir, summary, world)
-    console.print(_summary_table(summary))
+    write_summary(run_dir, summary, world)
+    console.print(summary_table(summary))
     return summary
 
 
@@ -383,14 +382,6 @@ def _save_final_atomically(model, tokenizer, path: Path, method_cfg, world: Worl
         model.reshard()
 
 
-def _write_summary(run_dir: Path, summary: dict, world: World) -> None:
-    if not world.is_main:
-        return
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps({k: jsonable(v) for k, v in summary.items()}, indent=2))
-    tmp.replace(run_dir / "summary.json")
-
-
 def _quiet_libraries() -> None:
     """Our own progress display is the only one: no per-shard bars from transformers."""
     import warnings
@@ -417,36 +408,3 @@ def _chunked_loss(setting: bool | None, model, task: str) -> bool:
         raise UsageError(f"train.chunked_loss=true: {problem}. Set train.chunked_loss=false "
                          "(or null, which picks it where it works).")
     return problem is None
-
-
-def _data_line(data) -> str:
-    meta = data.meta
-    if "documents" in meta:  # pre-training
-        sizes = (f"{meta['train_tokens']:,} train tokens ({meta['documents']['train']} documents), "
-                 f"{meta['eval_tokens']:,} eval tokens ({meta['documents']['eval']} documents)")
-    else:
-        tr, ev = meta["train"], meta["eval"]
-        sizes = (f"{tr['samples']:,} train samples ({tr['tokens']:,} tokens, {len(data.train):,} "
-                 f"sequences), {ev['samples']:,} eval samples")
-        dropped = {k: tr[k] + ev[k] for k in ("truncated", "dropped_overlong", "dropped_all_masked",
-                                              "unknown_label") if k in tr and tr[k] + ev[k]}
-        if dropped:
-            sizes += "; " + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in dropped.items())
-        if data.labels:
-            sizes += f"; {len(data.labels)} labels"
-    return (f"data: {sizes}; tokenizer {'from cache' if data.tokenizer_cached else 'trained'}, "
-            f"tokens {'from cache' if data.tokens_cached else 'prepared'} ({data.tokens_dir})")
-
-
-def _summary_table(summary: dict) -> Table:
-    table = Table(title="run summary", show_header=False)
-    fmt = {"train_loss": "{:.4f}", "eval_loss": "{:.4f}", "first_eval_loss": "{:.4f}",
-           "eval_ppl": "{:.2f}", "eval_accuracy": "{:.3f}", "wall_s": "{:.1f}",
-           "peak_memory_mb": "{:,.0f}", "tokens_per_s": "{:,.0f}", "parameters": "{:,}",
-           "trainable_parameters": "{:,}", "tokens": "{:,}", "mfu": "{:.3f}",
-           "time_to_first_step_s": "{:.1f}", "data_prep_s": "{:.2f}", "flops_per_token": "{:.4g}",
-           "peak_flops": "{:.4g}"}
-    for key, value in summary.items():
-        text = fmt.get(key, "{}").format(value) if value is not None else "-"
-        table.add_row(key, text)
-    return table
