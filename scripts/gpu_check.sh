@@ -4,7 +4,7 @@
 # has torch with CUDA, pytest and most of ptft's needs but no network: the rest travels as
 # wheels, fetched beforehand on a machine that has one.
 #
-#   bash scripts/gpu_check.sh prepare                 # here: wheels into .whl/ (git-ignored)
+#   bash scripts/gpu_check.sh prepare                 # here: wheels into .whl/ (.gitignore)
 #   bash scripts/gpu_check.sh run OUTDIR [BENCH ARGS] # there: install them, test, benchmark
 #
 # `run` writes OUTDIR/gpu.json (the harness's results) and OUTDIR/gpu_check.log. Without BENCH
@@ -22,7 +22,6 @@ SDIST_ONLY=(antlr4-python3-runtime==4.9.3)  # Hydra's parser: published as a sou
 PYTHON_VERSION=3.12                          # the GPU image's python3
 
 prepare() {
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     rm -rf .whl && mkdir -p .whl
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYTHON_VERSION" \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
