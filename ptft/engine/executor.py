@@ -276,7 +276,7 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
                                     "to resume from it." if last else "no checkpoint yet."))
             err = KeyboardInterrupt(reason)
         write_summary(run_dir, {**summary, "status": status, "steps": state["step"],
-                                 "reason": reason}, world)
+                                "reason": reason}, world)
         raise err from None
 
     # ---- finish ------------------------------------------------------------------------
