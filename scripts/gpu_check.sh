@@ -15,11 +15,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# What the GPU image lacked when last read (/work/.library/device/KINDS.md: torch 2.11 with
-# CUDA, transformers 5.17, no Hydra): the versions ptft is tested with here.
-PACKAGES=(transformers==5.24.0 peft==0.21.2 hydra-core==1.3.8 omegaconf==2.3.1)
+# What the GPU image lacked when last read (torch 2.11 with CUDA, transformers 5.17, no Hydra),
+# at the versions ptft is tested with; regex because transformers 5.24 asks for a recent one.
+PACKAGES=(transformers==5.24.0 peft==0.21.2 hydra-core==1.3.8 omegaconf==2.3.1 regex==2026.5.9)
 SDIST_ONLY=(antlr4-python3-runtime==4.9.3)  # Hydra's parser: published as a source archive only
-PYTHON_VERSION=3.12                          # the GPU image's python3
+# The target machine's Python, for the compiled wheels (regex): the GPU image's python3 is 3.12;
+# PYTHON_VERSION=3.11 bash scripts/gpu_check.sh prepare for a dry run on a 3.11 machine.
+PYTHON_VERSION=${PYTHON_VERSION:-3.12}
 
 prepare() {
     rm -rf .whl && mkdir -p .whl
