@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's GPU check in one call: ptft's CUDA test cases, then the harness's bf16 tokens/s and
+# The GPU check in one call: ptft's CUDA test cases, then the harness's bf16 tokens/s and
 # MFU for gpt2-124m and a ~1B Llama against the Trainer. Written for a lent GPU machine that
 # has torch with CUDA, pytest and most of ptft's needs but no network: the rest travels as
 # wheels, fetched beforehand on a machine that has one.
@@ -9,9 +9,9 @@
 #
 # `run` writes OUTDIR/gpu.json (the harness's results) and OUTDIR/gpu_check.log. Without BENCH
 # ARGS the harness runs pretrain-gpt2 and pretrain-1b in bf16, 5 warm-up and 20 timed steps,
-# one repeat: about 6-8 minutes on one H200 beside the tests' one. With BENCH ARGS (say
-# `--smoke --workloads pretrain-tiny`) it runs those instead: a dry run of the whole script on
-# a CPU.
+# one repeat (estimated at 5-8 minutes on one H200 with the tests; not yet measured). With
+# BENCH ARGS (say `--smoke --workloads pretrain-tiny`) it runs those instead: a dry run of the
+# whole script on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,8 +39,8 @@ run() {
     mkdir -p "$out"
     exec > >(tee "$out/gpu_check.log") 2>&1
     [ -d .whl ] || { echo "no .whl/: run 'bash scripts/gpu_check.sh prepare' first"; exit 2; }
-    local site
-    site=$(mktemp -d)
+    site=$(mktemp -d)  # global: the trap runs after the function has returned
+    trap 'rm -rf "$site"' EXIT
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
         .whl/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
