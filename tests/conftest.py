@@ -59,6 +59,21 @@ def matmul_route(request):
     onednn_linear.route_fp32_linears(before)
 
 
+@pytest.fixture
+def exact_fp32_matmuls():
+    """fp32 CUDA matmuls in full fp32 (no TF32) for the test, put back afterwards. Set and
+    restored by plain assignment: torch serves `allow_tf32` through the module's __getattr__, and
+    pytest 9.2's monkeypatch, finding no such entry in the module's __dict__, deletes it on undo
+    (an AttributeError that also skips the undoing of the test's other patches)."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    yield
+    matmul.allow_tf32 = before
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One data cache for the whole session, so tokenizers are trained once."""

@@ -46,12 +46,11 @@ def _loss_and_grads(compute, tensors, dtype):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, device,
-                                                                monkeypatch, matmul_route):
+def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, device, monkeypatch,
+                                                                matmul_route, exact_fp32_matmuls):
     monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, device, 4 * V * 7)  # chunks of 7 rows
     monkeypatch.setattr(fused_loss, "ONEDNN_ROWS_PER_HIDDEN", 0)  # on either route
     monkeypatch.setattr(fused_loss, "SCRATCH_BYTES", 4 * H * 7)  # bf16 products: 7 rows a time
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 is fp32
     hidden, weight, b, labels = _inputs(bias, device)
     tensors = [t for t in (hidden, weight, b) if t is not None]
     want = _loss_and_grads(lambda: F.cross_entropy(F.linear(hidden, weight, b).float(), labels,

@@ -47,8 +47,7 @@ IDS = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_same_loss_and_gradients_as_peft(dtype, device, monkeypatch, matmul_route):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 is fp32
+def test_same_loss_and_gradients_as_peft(dtype, device, matmul_route, exact_fp32_matmuls):
     theirs, ours = (model.to(device) for model in _pair())
     layer = ours.get_base_model().model.layers[0].mlp.up_proj
     assert type(layer) is FastLoraLinear
