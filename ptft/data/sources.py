@@ -258,9 +258,9 @@ def _texts_of(table, field: str, origin: str, limit: int | None) -> list[tuple[s
     if field not in table.column_names:
         raise UsageError(f"{origin} has no column '{field}' (columns: "
                          f"{', '.join(table.column_names)}); set data.text_field=<column>.")
-    column = table[field] if not limit else table.select(range(min(limit, len(table))))[field]
     pairs = []
-    with _decoding(origin):
+    with _decoding(origin):  # older datasets decode the whole column here, newer ones per row
+        column = table[field] if not limit else table.select(range(min(limit, len(table))))[field]
         for row, text in enumerate(column):
             if text is not None and not isinstance(text, str):
                 raise UsageError(f"{origin} row {row}: column '{field}' holds "
