@@ -8,8 +8,8 @@
 # uv (pip install uv) resolves the direct dependencies to their lowest allowed releases
 # (--resolution lowest-direct) into a virtual environment made afresh each time, so nothing
 # newer stays behind (default /tmp/ptft-oldest; interpreter: $PYTHON, default python3), then
-# the README's test command runs there. Needs a registry: torch 2.6 comes as its CUDA build
-# from PyPI (~3 GB with the NVIDIA libraries, which a CPU run never loads).
+# the README's test command runs there. Needs a registry: the oldest torch allowed comes as its
+# CUDA build from PyPI (~3 GB with the NVIDIA libraries, which a CPU run never loads).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,8 @@ from importlib.metadata import version
 import sys
 print("python", sys.version.split()[0], *(f"{p} {version(p)}" for p in (
     "torch", "transformers", "tokenizers", "datasets", "peft", "hydra-core", "omegaconf",
-    "typer", "rich", "safetensors", "numpy", "pytest")), sep=" | ")
+    "typer", "rich", "safetensors", "numpy", "pytest", "matplotlib", "tensorboard",
+    "submitit")), sep=" | ")
 EOF
 # The suite starts `ptft` and `torchrun` as subprocesses: the venv's, first on PATH.
 PATH="$venv/bin:$PATH" "$venv/bin/python" -m pytest -q "$@"
