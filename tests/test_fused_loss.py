@@ -49,7 +49,7 @@ def _loss_and_grads(compute, tensors, dtype):
 def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, device, monkeypatch,
                                                                 matmul_route, exact_fp32_matmuls):
     monkeypatch.setitem(fused_loss.CHUNK_LOGIT_BYTES, device, 4 * V * 7)  # chunks of 7 rows
-    monkeypatch.setattr(fused_loss, "ONEDNN_ROWS_PER_HIDDEN", 0)  # on either route
+    monkeypatch.setattr(fused_loss, "ROWS_PER_HIDDEN", 0)  # on either route
     monkeypatch.setattr(fused_loss, "SCRATCH_BYTES", 4 * H * 7)  # bf16 products: 7 rows a time
     hidden, weight, b, labels = _inputs(bias, device)
     tensors = [t for t in (hidden, weight, b) if t is not None]
@@ -66,21 +66,16 @@ def test_fused_loss_matches_cross_entropy_in_loss_and_gradients(bias, dtype, dev
     assert got[1][[3, 10]].abs().max() == 0
 
 
-def test_chunks_that_add_fresh_products_hold_enough_rows_for_the_weight_gradient(matmul_route):
-    cpu = torch.device("cpu")
-    hidden, weight = torch.randn(4, 8), torch.randn(16, 8)
-    # MKL's fp32 addmm_ accumulates in place; oneDNN's fp32 product and any bf16 product are
-    # added into the fp32 sum afresh, so their chunks are made larger.
-    assert fused_loss.adds_fresh_products(hidden, weight, None, torch.float32) == \
-        bool(matmul_route)
-    assert fused_loss.adds_fresh_products(hidden, weight, None, torch.bfloat16)
-    assert fused_loss.chunk_rows(cpu, 8192) == 256  # 8 MiB of logits
-    assert fused_loss.chunk_rows(cpu, 8192, fresh_product_hidden=128) == 256  # llama-tiny: as is
-    assert fused_loss.chunk_rows(cpu, 16384) == 128
-    # llama-small: 2 x 512
-    assert fused_loss.chunk_rows(cpu, 16384, fresh_product_hidden=512) == 1024
-    # a large vocabulary is capped at 64 MiB of logits
-    assert fused_loss.chunk_rows(cpu, 128256, fresh_product_hidden=2048) == 2**26 // (4 * 128256)
+def test_cpu_chunks_hold_enough_rows_for_the_weight_gradient():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    # Each chunk adds its (vocab x hidden) weight gradient into the sum: at least 2 x hidden
+    # rows per chunk, at most 64 MiB of logits.
+    assert fused_loss.chunk_rows(cpu, 8192, 128) == 256  # llama-tiny: 8 MiB of logits
+    assert fused_loss.chunk_rows(cpu, 8192, 32) == 256  # narrower: still 8 MiB
+    assert fused_loss.chunk_rows(cpu, 16384, 512) == 1024  # llama-small: 2 x 512
+    assert fused_loss.chunk_rows(cpu, 128256, 2048) == 2**26 // (4 * 128256)  # capped
+    # GPUs: 256 MiB of logits, whatever the width
+    assert fused_loss.chunk_rows(gpu, 128256, 2048) == 2**28 // (4 * 128256)
 
 
 def test_fused_loss_without_gradients_and_with_a_frozen_weight():

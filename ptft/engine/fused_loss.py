@@ -27,19 +27,22 @@ from ptft.data.batches import IGNORE_INDEX
 from ptft.engine import onednn_linear
 from ptft.engine.device import matmul_dtype
 
-# fp32 logits per chunk, by device type: on CPUs 8 MiB stays in cache (measured faster than any
-# larger chunk); on GPUs 256 MiB keeps the matmuls large enough to be efficient.
+# fp32 logits per chunk, by device type: on CPUs at least 8 MiB, which stays in cache (llama-tiny's
+# 256 rows, measured fastest for it on Zen 5), more for wider models (ROWS_PER_HIDDEN); on GPUs
+# 256 MiB keeps the matmuls large enough to be efficient.
 CHUNK_LOGIT_BYTES = {"cpu": 2**23}
 CHUNK_LOGIT_BYTES_DEFAULT = 2**28
-# Where each chunk's weight gradient is a fresh (vocab x hidden) product added into the fp32
-# sum (the oneDNN route, ptft/engine/onednn_linear.py, and bf16/fp16 matmuls on a CPU, whose
-# product is cast up before the add) a chunk of fewer than ~2 x hidden rows moves more bytes
-# for that product than for its logits. So chunks there hold at least this many rows per
-# hidden unit, up to CHUNK_LOGIT_BYTES_MAX of logits. llama-small's loss alone (2,048 x 512
-# hidden, 16,384 vocab), oneDNN fp32: 128-row chunks 474 ms, 1,024-row chunks 296-322 ms; its
-# bf16 pre-training step: 807 -> 754 ms. llama-tiny's (128 hidden) stays at 256 rows, where it
-# was fastest. (MKL's fp32 addmm_ adds into the sum in place: 8 MiB chunks stay best there.)
-ONEDNN_ROWS_PER_HIDDEN = 2
+# On a CPU chunks hold at least this many rows per hidden unit, up to CHUNK_LOGIT_BYTES_MAX of
+# logits: every chunk adds its weight gradient into the (vocab x hidden) fp32 sum (MKL's addmm_
+# in place; oneDNN's product, ptft/engine/onednn_linear.py, and a bf16/fp16 product afresh),
+# which with fewer than ~2 x hidden rows moves more bytes than the chunk's logits, and the
+# matmuls over few rows run below the CPU's rate even with the weight frozen. Measured, the
+# loss alone, llama-small's shapes (512 hidden, 16,384 vocab), 128-row against 1,024-row chunks:
+# Zen 5 through oneDNN, 2,048 rows, 474 -> 296-322 ms (its bf16 pre-training step 807 -> 754
+# ms); Zen 3 through MKL (AVX2: no oneDNN route there), medians of 6 alternations, 2,048 rows
+# 1,232 -> 994 ms, and with the weight frozen (LoRA's 512 answer tokens) 233 -> 181 ms.
+# llama-tiny's (128 hidden) stay at 256 rows, the 8 MiB above.
+ROWS_PER_HIDDEN = 2
 CHUNK_LOGIT_BYTES_MAX = 2**26
 SCRATCH_BYTES = 2**22  # a bf16 weight-gradient product is cast up this many bytes at a time
 
@@ -50,33 +53,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     as an fp32 scalar. hidden: (N, H); weight: (V, H); labels: (N,). `all_targets`: the caller
     knows no label is -100 (saves a pass over each chunk)."""
     dtype = matmul_dtype(hidden.device, weight.dtype)
-    rows = chunk_rows(hidden.device, weight.shape[0],
-                      weight.shape[1] if adds_fresh_products(hidden, weight, bias, dtype) else 0)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    rows = chunk_rows(hidden.device, weight.shape[0], weight.shape[1])
     if not needs_grad:
         with torch.autocast(hidden.device.type, enabled=False):
             return _chunks(hidden, weight, bias, labels, rows, dtype, all_targets, None)
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, rows, dtype, all_targets)
 
 
-def chunk_rows(device: torch.device, vocab_size: int, fresh_product_hidden: int = 0) -> int:
-    """Rows of hidden states per chunk; `fresh_product_hidden`: the hidden size when each
-    chunk's weight gradient is a fresh product added into the sum (0 otherwise)."""
+def chunk_rows(device: torch.device, vocab_size: int, hidden_size: int) -> int:
+    """Rows of hidden states per chunk of the loss."""
     chunk_bytes = CHUNK_LOGIT_BYTES.get(device.type, CHUNK_LOGIT_BYTES_DEFAULT)
     rows = chunk_bytes // (4 * vocab_size)
-    if fresh_product_hidden:
-        rows = min(max(rows, ONEDNN_ROWS_PER_HIDDEN * fresh_product_hidden),
+    if device.type == "cpu":
+        rows = min(max(rows, ROWS_PER_HIDDEN * hidden_size),
                    CHUNK_LOGIT_BYTES_MAX // (4 * vocab_size))
     return max(1, rows)
-
-
-def adds_fresh_products(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        dtype: torch.dtype) -> bool:
-    """Whether each chunk's weight gradient is a fresh product added into the fp32 sum (see
-    ONEDNN_ROWS_PER_HIDDEN) rather than accumulated in place by addmm_."""
-    return onednn_linear.applies(hidden, weight, bias) or (
-        hidden.device.type == "cpu" and dtype != torch.float32)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
