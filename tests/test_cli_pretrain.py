@@ -86,6 +86,18 @@ def test_second_run_reuses_cached_tokenizer_and_tokens(finished_run, cache_dir, 
     assert len(list((tmp_path / "runs" / "pretrain").iterdir())) == 1
 
 
+def test_bf16_asked_for_on_a_cpu_without_native_bf16_warns_and_runs(cache_dir, tmp_path):
+    from ptft.engine.device import cpu_runs_bf16_natively
+
+    result = run_ptft("pretrain", *TINY, "train.max_steps=1", "train.precision=bf16",
+                      "run.dir=bf16", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    # The choice is the user's (bf16 it is); only the warning depends on this CPU.
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["precision"] == "bfloat16"
+    warned = "torch emulates bf16 matmuls here" in " ".join(result.stdout.split())
+    assert warned == (not cpu_runs_bf16_natively()), result.stdout
+
+
 def test_same_seed_same_losses(finished_run, cache_dir, tmp_path):
     run_dir, _ = finished_run
     result = run_ptft("pretrain", *TINY, "train.lr=1e-2", "train.max_steps=24", "train.eval_every=12",

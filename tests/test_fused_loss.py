@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import devices, tiny_llama
 from ptft.config.schema import LoraMethodConfig, Precision, PromptTuningMethodConfig, TrainConfig
 from ptft.engine import fused_loss
-from ptft.engine.device import autocast_dtype, cpu_runs_bf16_natively
+from ptft.engine.device import autocast_dtype, cpu_runs_bf16_natively, emulated_bf16_warning
 from ptft.engine.executor import _chunked_loss
 from ptft.engine.fused_loss import linear_cross_entropy
 from ptft.errors import UsageError
@@ -145,6 +145,16 @@ def test_precision_auto_takes_bf16_on_cpus_with_native_bf16():
     assert autocast_dtype(TrainConfig(precision=Precision.auto), cpu) == native
     assert autocast_dtype(TrainConfig(precision=Precision.fp32), cpu) is None
     assert autocast_dtype(TrainConfig(precision=Precision.bf16), cpu) == torch.bfloat16
+
+
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_warned_of():
+    cpu = torch.device("cpu")
+    avx2, native = "flags\t\t: fpu avx2 fma\n", "flags\t\t: fpu avx512_bf16\n"
+    message = emulated_bf16_warning(torch.bfloat16, cpu, avx2)
+    assert "train.precision=auto takes fp32" in message and "AVX512-BF16" in message
+    assert emulated_bf16_warning(torch.bfloat16, cpu, native) is None
+    assert emulated_bf16_warning(None, cpu, avx2) is None  # fp32
+    assert emulated_bf16_warning(torch.bfloat16, torch.device("cuda"), avx2) is None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

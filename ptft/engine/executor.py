@@ -26,7 +26,8 @@ from ptft.engine.allocator import keep_freed_memory, training_step_allocations
 from ptft.engine.checkpoint import (checkpoint_name, complete_checkpoints, full_model_state,
                                     save_checkpoint)
 from ptft.engine.distributed import World, init_world, wrap_model
-from ptft.engine.device import autocast, autocast_dtype, peak_memory_mb, resolve_device
+from ptft.engine.device import (autocast, autocast_dtype, emulated_bf16_warning, peak_memory_mb,
+                                resolve_device)
 from ptft.engine.fast_paths import process_switches, restore_process_switches, use_fast_paths
 from ptft.engine.flops import TrainingMeter, cpu_matmul_rates, device_peak_flops, training_flops
 from ptft.engine.frozen_weights import store_frozen_projections_in
@@ -97,6 +98,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         if device.type == "cpu":
             keep_freed_memory()  # no page faults for the buffers every step reallocates
         amp_dtype = autocast_dtype(t, device)
+        if slow_precision := emulated_bf16_warning(amp_dtype, device):
+            console.print(f"[yellow]warning:[/] {slow_precision}", highlight=False)
         # Rank 0 prepares (and caches) the data once; the others then read the cache.
         data_started = time.perf_counter()
         data = world.on_main(lambda: prepare_data(cfg), share=False)
