@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.warmup} + {args.steps} timed steps) per side; {meta['device']}, "
           f"{threads} threads, {', '.join(precisions)}; load average {meta['load_before']}",
           flush=True)
+    if "bf16" in precisions and not torch.cuda.is_available():
+        from ptft.engine.device import emulated_bf16_warning
+
+        if slow := emulated_bf16_warning(torch.bfloat16, torch.device("cpu")):
+            print(f"warning: --precision bf16: {slow}", flush=True)
     base = _base_model(workdir, args) if any(WORKLOADS[w][0] == "finetune"
                                               for w in workloads) else None
     _prepare_every_workload(workloads, args, base, workdir)
@@ -243,11 +248,12 @@ def _matmul_now(precision: str) -> float | None:
     a run can be well below it, and every MFU of the run with it. None on a GPU."""
     import torch
 
-    from ptft.engine.flops import cpu_matmul_probe
+    from ptft.engine.flops import cpu_matmul_probe, cpu_peak_dtype
 
     if torch.cuda.is_available():
         return None
-    return cpu_matmul_probe(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return cpu_matmul_probe(cpu_peak_dtype(torch.bfloat16 if precision == "bf16"
+                                           else torch.float32))
 
 
 def _run_worker(spec: dict, workdir: Path, timeout: int) -> dict:

@@ -16,8 +16,10 @@ from ptft.data.batches import IGNORE_INDEX, Batch
 from ptft.engine import flops as flops_module
 from ptft.engine import fused_loss, objective
 from ptft.engine.executor import _activation_checkpointing, execute
-from ptft.engine.flops import (TrainingFlops, cpu_matmul_probe, device_peak_flops,
-                               gpu_peak_flops, input_tokens, mfu, training_flops)
+from ptft.engine.device import cpu_runs_bf16_natively
+from ptft.engine.flops import (TrainingFlops, cpu_matmul_probe, cpu_peak_dtype,
+                               device_peak_flops, gpu_peak_flops, input_tokens, mfu,
+                               training_flops)
 from ptft.methods import apply_method
 from tests.conftest import TINY
 from tests.conftest import tiny_llama as shared_tiny_llama
@@ -123,6 +125,17 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert device_peak_flops("cpu", torch.float32, tmp_path) == 123.0  # the faster route's
     monkeypatch.setenv(flops_module.PEAK_ENV, "5e11")
     assert device_peak_flops("cpu", torch.float32, tmp_path) == 5e11
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_measured_against_the_fp32_peak(tmp_path, monkeypatch):
+    monkeypatch.delenv(flops_module.PEAK_ENV, raising=False)
+    native = cpu_runs_bf16_natively()
+    assert cpu_peak_dtype(torch.float32) == torch.float32
+    assert cpu_peak_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setattr(flops_module, "cpu_matmul_probe_rates",
+                        lambda dtype, *a, **k: {"torch": 7.0 if dtype == torch.bfloat16 else 5.0})
+    monkeypatch.setattr(flops_module, "_cpus_busy", lambda: False)
+    assert device_peak_flops("cpu", torch.bfloat16, tmp_path) == (7.0 if native else 5.0)
 
 
 def test_cpu_probe_leaves_the_seeded_random_numbers_alone():

@@ -170,8 +170,8 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype | None = No
                       cpu_rates: dict[str, float] | None = None) -> float | None:
     """Peak dense matmul FLOP/s of `device` at `dtype` (None: fp32). CUDA: the data-sheet table
     (None for an unknown GPU); CPU: the fastest route of `cpu_matmul_rates` (measured once,
-    cached; `cpu_rates`: those rates, already read). PTFT_PEAK_FLOPS in the environment
-    overrides both."""
+    cached; `cpu_rates`: those rates, already read), at fp32's rate for bf16 where the CPU
+    only emulates it (cpu_peak_dtype). PTFT_PEAK_FLOPS in the environment overrides both."""
     if os.environ.get(PEAK_ENV):
         return float(os.environ[PEAK_ENV])
     device = torch.device(device)
@@ -180,7 +180,19 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype | None = No
         return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
     if device.type != "cpu":
         return None
-    return max((cpu_rates or cpu_matmul_rates(dtype, cache_dir)).values())
+    return max((cpu_rates or cpu_matmul_rates(cpu_peak_dtype(dtype), cache_dir)).values())
+
+
+def cpu_peak_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose matmul rate is this CPU's peak for a run in `dtype`: fp32 for bf16 on a
+    CPU that only emulates it (no AVX512-BF16 or AMX). There fp32 is the fastest the machine
+    multiplies (bf16 ran at ~1 GFLOP/s against ~100 on an AVX2 EPYC), so MFU says how far the
+    run is from the machine's limit, and the bf16 probe, which would take minutes, is not run."""
+    from ptft.engine.device import cpu_runs_bf16_natively
+
+    if dtype == torch.bfloat16 and not cpu_runs_bf16_natively():
+        return torch.float32
+    return dtype
 
 
 def cpu_matmul_rates(dtype: torch.dtype | None = None,
