@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     base = _base_model(workdir, args) if any(WORKLOADS[w][0] == "finetune"
                                               for w in workloads) else None
     _prepare_every_workload(workloads, args, base, workdir)
-    meta["peak_flops"] = {p: _peak(p) for p in precisions}
+    # The probe first: on a quiet machine a reading above the cached peak raises it, so no run
+    # of this invocation is measured against a peak taken in a slower minute.
     meta["matmul_before"] = {p: _matmul_now(p) for p in precisions}
+    meta["peak_flops"] = {p: _peak(p) for p in precisions}
     runs: list[dict] = []
     for repeat in range(args.repeats):
         for workload in workloads:
@@ -243,17 +245,18 @@ def _peak(precision: str) -> float | None:
 
 
 def _matmul_now(precision: str) -> float | None:
-    """The CPU's matmul FLOP/s right now (the probe behind the peak, taken afresh, not cached).
-    The peak is cached from a quiet moment; on a shared machine the matmul rate at the time of
-    a run can be well below it, and every MFU of the run with it. None on a GPU."""
+    """The CPU's matmul FLOP/s right now (the probe behind the peak, taken afresh; where the
+    cores are quiet a reading above the cached peak raises it). On a shared machine the matmul
+    rate at the time of a run can be well below the peak, and every MFU of the run with it.
+    None on a GPU."""
     import torch
 
-    from ptft.engine.flops import cpu_matmul_probe, cpu_peak_dtype
+    from ptft.engine.flops import cpu_peak_dtype, remeasure_cpu_matmul_rates
 
     if torch.cuda.is_available():
         return None
-    return cpu_matmul_probe(cpu_peak_dtype(torch.bfloat16 if precision == "bf16"
-                                           else torch.float32))
+    dtype = cpu_peak_dtype(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return max(remeasure_cpu_matmul_rates(dtype).values())
 
 
 def _run_worker(spec: dict, workdir: Path, timeout: int) -> dict:

@@ -17,9 +17,9 @@ from ptft.engine import flops as flops_module
 from ptft.engine import fused_loss, objective
 from ptft.engine.executor import _activation_checkpointing, execute
 from ptft.engine.device import cpu_runs_bf16_natively
-from ptft.engine.flops import (TrainingFlops, cpu_matmul_probe, cpu_peak_dtype,
-                               device_peak_flops, gpu_peak_flops, input_tokens, mfu,
-                               training_flops)
+from ptft.engine.flops import (TrainingFlops, cpu_matmul_probe, cpu_matmul_rates,
+                               cpu_peak_dtype, device_peak_flops, gpu_peak_flops, input_tokens,
+                               mfu, remeasure_cpu_matmul_rates, training_flops)
 from ptft.methods import apply_method
 from tests.conftest import TINY
 from tests.conftest import tiny_llama as shared_tiny_llama
@@ -136,6 +136,23 @@ def test_bf16_on_a_cpu_that_emulates_it_is_measured_against_the_fp32_peak(tmp_pa
                         lambda dtype, *a, **k: {"torch": 7.0 if dtype == torch.bfloat16 else 5.0})
     monkeypatch.setattr(flops_module, "_cpus_busy", lambda: False)
     assert device_peak_flops("cpu", torch.bfloat16, tmp_path) == (7.0 if native else 5.0)
+
+
+def test_a_new_probe_raises_a_cached_peak_read_in_a_slow_minute(tmp_path, monkeypatch):
+    monkeypatch.delenv(flops_module.PEAK_ENV, raising=False)
+    readings = iter([{"torch": 100.0, "onednn": 90.0}, {"torch": 130.0, "onednn": 80.0},
+                     {"torch": 120.0, "onednn": 85.0}, {"torch": 500.0}])
+    monkeypatch.setattr(flops_module, "cpu_matmul_probe_rates", lambda *a, **k: next(readings))
+    monkeypatch.setattr(flops_module, "_cpus_busy", lambda: False)
+    assert device_peak_flops("cpu", torch.float32, tmp_path) == 100.0  # the first probe
+    # A later reading returns itself; the cache keeps each route's best.
+    assert remeasure_cpu_matmul_rates(torch.float32, tmp_path) == {"torch": 130.0, "onednn": 80.0}
+    assert cpu_matmul_rates(torch.float32, tmp_path) == {"torch": 130.0, "onednn": 90.0}
+    remeasure_cpu_matmul_rates(torch.float32, tmp_path)  # lower: nothing falls
+    assert device_peak_flops("cpu", torch.float32, tmp_path) == 130.0
+    monkeypatch.setattr(flops_module, "_cpus_busy", lambda: True)
+    remeasure_cpu_matmul_rates(torch.float32, tmp_path)  # busy cores: not kept, even if higher
+    assert device_peak_flops("cpu", torch.float32, tmp_path) == 130.0
 
 
 def test_cpu_probe_leaves_the_seeded_random_numbers_alone():
