@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from ptft.engine import onednn_linear
+from ptft.engine.device import cpu_runs_bf16_natively
 
 PEAK_ENV = "PTFT_PEAK_FLOPS"
 PROBE_FORMAT = 2  # bump when the probe changes: cached peaks are then measured again
@@ -188,8 +189,6 @@ def cpu_peak_dtype(dtype: torch.dtype) -> torch.dtype:
     CPU that only emulates it (no AVX512-BF16 or AMX). There fp32 is the fastest the machine
     multiplies (bf16 ran at ~1 GFLOP/s against ~100 on an AVX2 EPYC), so MFU says how far the
     run is from the machine's limit, and the bf16 probe, which would take minutes, is not run."""
-    from ptft.engine.device import cpu_runs_bf16_natively
-
     if dtype == torch.bfloat16 and not cpu_runs_bf16_natively():
         return torch.float32
     return dtype

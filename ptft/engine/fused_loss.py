@@ -27,9 +27,9 @@ from ptft.data.batches import IGNORE_INDEX
 from ptft.engine import onednn_linear
 from ptft.engine.device import matmul_dtype
 
-# fp32 logits per chunk, by device type: on CPUs at least 8 MiB, which stays in cache (llama-tiny's
-# 256 rows, measured fastest for it on Zen 5), more for wider models (ROWS_PER_HIDDEN); on GPUs
-# 256 MiB keeps the matmuls large enough to be efficient.
+# fp32 logits per chunk, by device type: on CPUs at least 8 MiB, which stays in cache
+# (llama-tiny's 256 rows, measured fastest for it on Zen 5), more for wider models
+# (ROWS_PER_HIDDEN); on GPUs 256 MiB keeps the matmuls large enough to be efficient.
 CHUNK_LOGIT_BYTES = {"cpu": 2**23}
 CHUNK_LOGIT_BYTES_DEFAULT = 2**28
 # On a CPU chunks hold at least this many rows per hidden unit, up to CHUNK_LOGIT_BYTES_MAX of
