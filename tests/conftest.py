@@ -76,8 +76,23 @@ def exact_fp32_matmuls():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One data cache for the whole session, so tokenizers are trained once."""
-    return tmp_path_factory.mktemp("ptft-cache")
+    """One data cache for the whole session, so tokenizers are trained once. It holds the CPU
+    matmul probe's fp32 rates from the start: a probe taken while the suite keeps the cores
+    busy is not cached, so each run would probe again, and where oneDNN and MKL run at about
+    one rate (an AVX2 Zen 3) runs compared with each other could take different libraries."""
+    import torch
+
+    from ptft.engine import flops
+
+    path = tmp_path_factory.mktemp("ptft-cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the runs' (OMP_NUM_THREADS below): the cache is keyed by it
+    try:
+        flops.keep_best_cpu_matmul_rates(flops.cpu_matmul_probe_rates(torch.float32, size=512),
+                                         torch.float32, path)
+    finally:
+        torch.set_num_threads(threads)
+    return path
 
 
 def run_ptft(*args: str, cwd: Path, cache: Path, timeout: int = 300, module: bool = False,

@@ -215,6 +215,25 @@ def test_the_probe_measures_each_route_and_caches_them(tmp_path, monkeypatch):
                                                                budget_s=0.01)
 
 
+def test_a_resumed_run_takes_its_checkpoints_route_whatever_the_rates(tmp_path):
+    from ptft.engine.resume import checkpoint_onednn_route
+
+    (tmp_path / "state.json").write_text(json.dumps({"step": 4, "onednn_linears": False}))
+    assert checkpoint_onednn_route(tmp_path) is False
+    (tmp_path / "state.json").write_text(json.dumps({"step": 4}))  # saved before it was recorded
+    assert checkpoint_onednn_route(tmp_path) is None and checkpoint_onednn_route(None) is None
+    before = onednn_linear.routed()
+    try:
+        favour_onednn, favour_mkl = {"torch": 1.0, "onednn": 3.0}, {"torch": 3.0, "onednn": 1.0}
+        assert route_model(tiny_llama(), favour_onednn, False) == onednn_linear.available()
+        assert not route_model(tiny_llama(), favour_onednn, False, resumed=False)
+        assert route_model(tiny_llama(), favour_mkl, False, resumed=True) == \
+            onednn_linear.available()
+        assert not route_model(tiny_llama(), None, False, resumed=True)  # not an fp32 CPU run
+    finally:
+        onednn_linear.route_fp32_linears(before)
+
+
 def test_an_fp32_run_reports_the_route_it_took(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     result = run_ptft("pretrain", *TINY, "train.precision=fp32", "train.max_steps=6",

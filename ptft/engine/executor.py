@@ -37,7 +37,8 @@ from ptft.engine.objective import (accumulate_gradients, chunked_loss_problem, e
 from ptft.engine.optim import build_optimizer, lr_at, planned_steps
 from ptft.engine.packed_attention import check_sliding_window
 from ptft.engine.progress import ProgressReporter
-from ptft.engine.resume import checkpoint_config, compare_configs, continue_from, find_checkpoint
+from ptft.engine.resume import (checkpoint_config, checkpoint_onednn_route, compare_configs,
+                                continue_from, find_checkpoint)
 from ptft.engine.run_report import data_line, summary_table, write_summary
 from ptft.engine.rundir import create_run_dir
 from ptft.engine.signals import StopRequests, ignore_launcher_stop
@@ -117,7 +118,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
         # the projections and gives MFU's peak; rank 0 measures, every rank follows.
         fp32_cpu_rates = world.on_main(lambda: cpu_matmul_rates(None, cfg.data.cache_dir)) \
             if device.type == "cpu" and amp_dtype is None else None
-        fast_paths = use_fast_paths(model, device, t.compile, fp32_cpu_rates)
+        fast_paths = use_fast_paths(model, device, t.compile, fp32_cpu_rates,
+                                    checkpoint_onednn_route(resume_from))
         total_params, trainable_params = count_parameters(model)
         _activation_checkpointing(model, t.activation_checkpointing)
         flops = training_flops(model, t.seq_len)
@@ -152,7 +154,8 @@ def _execute(cfg: RootConfig, world: World, console: Console) -> dict:
     # Where the loop starts: step 0, or exactly where the checkpoint left off.
     state = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "first_eval": None,
              "interval": {"loss": 0.0, "targets": 0},
-             "data_key": data.tokens_dir.name}  # the prepared tokens, named by their cache key
+             "data_key": data.tokens_dir.name,  # the prepared tokens, named by their cache key
+             "onednn_linears": fast_paths["onednn_linears"]}  # a resumed run takes the same
     # Metrics of the steps before the checkpoint; a run started over sets old ones aside.
     kept_rows = continue_from(resume_from, model, optimizer, stream.sampler, state, total_steps,
                               run_dir / "metrics.jsonl", world, console)

@@ -25,14 +25,17 @@ from ptft.engine.rms_norm import use_fused_rms_norms
 
 
 def use_fast_paths(model: torch.nn.Module, device: torch.device, compiled: bool,
-                   fp32_cpu_rates: dict[str, float] | None) -> dict:
+                   fp32_cpu_rates: dict[str, float] | None,
+                   resumed_onednn_route: bool | None = None) -> dict:
     """Swap the fast paths into `model` (on `device`; `fp32_cpu_rates`: the CPU probe's, for an
-    fp32 CPU run, else None). Returns what was taken, for the summary."""
+    fp32 CPU run, else None; `resumed_onednn_route`: the oneDNN route of the checkpoint being
+    resumed, None for a new run). Returns what was taken, for the summary."""
     return {
         "packed_attention": not compiled and use_packed_attention(model, device),
         "fused_rms_norms": 0 if compiled else use_fused_rms_norms(model),
         "fused_rotary": not compiled and bool(rotary.use_fused_rotary(model)),
-        "onednn_linears": onednn_linear.route_model(model, fp32_cpu_rates, compiled),
+        "onednn_linears": onednn_linear.route_model(model, fp32_cpu_rates, compiled,
+                                                    resumed_onednn_route),
     }
 
 

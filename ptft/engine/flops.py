@@ -214,6 +214,13 @@ def remeasure_cpu_matmul_rates(dtype: torch.dtype | None = None,
     rates = cpu_matmul_probe_rates(dtype)
     if _cpus_busy():  # other work took cores from the probe: it read low; keep nothing
         return rates
+    keep_best_cpu_matmul_rates(rates, dtype, cache_dir)
+    return rates
+
+
+def keep_best_cpu_matmul_rates(rates: dict[str, float], dtype: torch.dtype,
+                               cache_dir: str | Path | None = None) -> None:
+    """Keep in the cache, route by route, the higher of `rates` and what it held."""
     kept = _cached_rates(dtype, cache_dir) or {}
     best = {route: max(rate, kept.get(route, 0.0)) for route, rate in rates.items()}
     path = _probe_cache_path(dtype, cache_dir)
@@ -222,7 +229,6 @@ def remeasure_cpu_matmul_rates(dtype: torch.dtype | None = None,
     tmp.write_text(json.dumps({"peak_flops": max(best.values()), "rates": best,
                                **_probe_key(dtype)}, indent=2))
     tmp.replace(path)  # atomic: a concurrent reader sees the old file or the new one
-    return rates
 
 
 def _cached_rates(dtype: torch.dtype, cache_dir: str | Path | None) -> dict[str, float] | None:

@@ -60,13 +60,14 @@ def onednn_outruns_torch(rates: dict[str, float], margin: float = 1.1) -> bool:
 
 
 def route_model(model: torch.nn.Module, fp32_cpu_rates: dict[str, float] | None,
-                compiled: bool) -> bool:
+                compiled: bool, resumed: bool | None = None) -> bool:
     """Turn the route on for an fp32 CPU training run where the CPU matmul probe's rates
     (`fp32_cpu_rates`; None for other runs: under autocast torch already uses oneDNN) favour
     oneDNN, and send `model`'s projections through it; off otherwise. A compiled model is left
-    to the compiler. Returns whether the route is on."""
-    on = bool(fp32_cpu_rates) and not compiled and available() \
-        and onednn_outruns_torch(fp32_cpu_rates)
+    to the compiler. `resumed`: the route of the checkpoint a run resumes from (None for a new
+    run), which wins over the rates. Returns whether the route is on."""
+    on = bool(fp32_cpu_rates) and not compiled and available() and (
+        onednn_outruns_torch(fp32_cpu_rates) if resumed is None else resumed)
     route_fp32_linears(on)
     if on:
         use_onednn_linears(model)

@@ -91,6 +91,16 @@ def checkpoint_config(path: Path) -> dict:
     return yaml.safe_load((path / "config.yaml").read_text())
 
 
+def checkpoint_onednn_route(path: Path | None) -> bool | None:
+    """Whether the run saved in checkpoint `path` sent its fp32 projections through oneDNN
+    (None: no checkpoint, or one saved before ptft recorded it). A resumed run takes the same
+    library, so that it continues the same loss curve to the bit: where oneDNN and MKL run at
+    about one rate (an AVX2 Zen 3), a fresh probe could decide either way."""
+    if path is None:
+        return None
+    return json.loads((path / "state.json").read_text()).get("onednn_linears")
+
+
 def continue_from(checkpoint: Path | None, model, optimizer, sampler, state: dict,
                   total_steps: int, metrics_path: Path, world, console) -> list[dict]:
     """Put the run where `checkpoint` left it (weights, optimizer, data position, `state`,
